@@ -1,0 +1,80 @@
+"""The structural guard: does a target still have the shape its patch was written for?
+
+One code path for every caller: ``apply()`` feeds it the def of the live
+function (read from the file its code object came from), the compatibility
+scanner and ``sgl-accel plan/diff`` feed it the def read from a release's
+source without importing it. Both reach ``check_def``.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ._rewrite import fingerprint, find_def, uses_private_names
+
+
+@dataclass
+class Verdict:
+    state: str  # applies | upstream | drifted | absent
+    reason: str
+    fingerprint: Optional[str] = None
+    original: Optional[ast.AST] = None
+    patched: Optional[ast.AST] = None
+
+
+def check_def(target, def_node) -> Verdict:
+    if def_node is None:
+        return Verdict("absent", f"{target.qualname} not found in {target.module}")
+    fp = fingerprint(def_node)
+    from ._rewrite import count_matches
+
+    for marker in target.upstream:
+        if count_matches(def_node, marker):
+            return Verdict("upstream", f"{target.qualname} already has the change", fp, def_node)
+    if uses_private_names(def_node):
+        return Verdict("drifted", f"{target.qualname} uses class-private names", fp, def_node)
+    patched = copy.deepcopy(def_node)
+    problems = []
+    for rule in target.rules:
+        sites = rule.apply(patched)
+        if sites != rule.count:
+            problems.append(f"'{rule.description}' matched {sites} site(s), expected {rule.count}")
+    if problems:
+        return Verdict("drifted", f"{target.qualname}: " + "; ".join(problems), fp, def_node)
+    return Verdict("applies", f"{target.qualname} has the expected shape", fp, def_node, patched)
+
+
+def module_file(module: str, sglang_root: str) -> Optional[Path]:
+    """Where ``sglang.x.y`` lives under an sglang package directory, without importing it."""
+    parts = module.split(".")
+    if parts[0] != "sglang":
+        return None
+    base = Path(sglang_root, *parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(path: str, mtime_ns: int) -> ast.Module:
+    return ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
+
+
+def static_def(target, sglang_root: str):
+    """The target's def read from source under ``sglang_root`` (None if absent)."""
+    path = module_file(target.module, sglang_root)
+    if path is None:
+        return None
+    tree = _parsed(str(path), os.stat(path).st_mtime_ns)
+    return find_def(tree, target.qualname)
+
+
+def check_static(target, sglang_root: str) -> Verdict:
+    return check_def(target, static_def(target, sglang_root))

@@ -1,0 +1,135 @@
+"""What a patch declares, and the list of patches sgl-accel ships.
+
+Patch modules import nothing heavy at module level (no torch, no sglang): the
+registry is read at interpreter start-up when SGL_ACCEL is set. Anything that
+needs torch is built by ``Patch.helpers`` when the patch is actually applied.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+HARDWARE_KINDS = ("ascend", "rocm", "cuda", "cpu")
+PATCH_KINDS = ("perf", "fix", "feature")
+
+# One module per upstream change, in sgl_accel/patches/. Order = report order.
+# Planned names: ascend-gdn-conv1d-v2, ascend-dflash, nsa-indexer-fusion,
+# nsa-decode-cat-skip, ascend-cp-attn-batch; a module is listed once it exists.
+PATCH_MODULES: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Target:
+    """One function to rewrite: ``module`` + ``qualname`` (``Class.method`` or ``function``).
+
+    ``rules`` must each match their exact count of sites. ``upstream`` are
+    patterns that only the already-changed upstream code contains; any match
+    means the release has the change and the target is left alone.
+    """
+
+    module: str
+    qualname: str
+    rules: Sequence = ()
+    upstream: Sequence[str] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.qualname}"
+
+
+@dataclass(frozen=True)
+class Part:
+    """A group of targets applied together, with its own hardware gate.
+
+    Most patches have one part. A patch whose pieces serve different hardware
+    (e.g. compile on ROCm only, copy removal on CUDA and ROCm) has several; each
+    part is atomic, and the report says which parts applied and why others did not.
+    """
+
+    name: str
+    targets: Sequence[Target]
+    hardware: Sequence[str] = ()  # empty = the patch's hardware
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    upstream_pr: str
+    kind: str
+    summary: str
+    hardware: Sequence[str]
+    parts: Sequence[Part]
+    # "module.path:symbol" strings that must import on this machine.
+    kernels: Sequence[str] = ()
+    # A PEP 440 specifier; dev and local builds are compared as their release.
+    releases: str = ""
+    # Optional feature gate: fn(context) -> None if fine, else the reason it does not apply.
+    gate: Optional[Callable] = None
+    # Called once when the patch is applied: returns {name: object} the rewritten
+    # code refers to (bound as closure variables, never added to sglang modules).
+    helpers: Optional[Callable[[], dict]] = None
+    # Hardware detail gate: fn(hardware_info) -> None or reason (e.g. gfx95 only).
+    hardware_check: Optional[Callable] = None
+
+    def __post_init__(self):
+        if self.kind not in PATCH_KINDS:
+            raise ValueError(f"patch {self.name}: kind must be one of {PATCH_KINDS}")
+        for hw in self.hardware:
+            if hw not in HARDWARE_KINDS:
+                raise ValueError(f"patch {self.name}: unknown hardware {hw!r}")
+
+    @property
+    def targets(self) -> list[Target]:
+        return [t for part in self.parts for t in part.targets]
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({t.module for t in self.targets})
+
+
+_extra: dict[str, Patch] = {}
+_cache: Optional[dict[str, Patch]] = None
+
+
+def all_patches() -> dict[str, Patch]:
+    """name -> Patch, the shipped patches followed by any registered for tests."""
+    global _cache
+    if _cache is None:
+        found = {}
+        for module_name in PATCH_MODULES:
+            module = importlib.import_module(f"sgl_accel.patches.{module_name}")
+            patch = module.PATCH
+            found[patch.name] = patch
+        _cache = found
+    return {**_cache, **_extra}
+
+
+def register_extra(patch: Patch) -> None:
+    """Register an additional patch (used by the test suite for a test-only patch)."""
+    _extra[patch.name] = patch
+
+
+def unregister_extra(name: str) -> None:
+    _extra.pop(name, None)
+
+
+class UnknownPatchError(ValueError):
+    pass
+
+
+def resolve_names(names) -> list[str]:
+    """Validate patch names; None means all. Raises UnknownPatchError listing valid names."""
+    known = all_patches()
+    if names is None:
+        return list(known)
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UnknownPatchError(
+            f"unknown sgl-accel patch name(s): {', '.join(unknown)}; valid names: {', '.join(known)}"
+        )
+    return list(dict.fromkeys(names))

@@ -1,0 +1,346 @@
+"""Structural rewrite rules over the AST of one installed function.
+
+A patch never carries a copy of sglang code. It describes the upstream change as
+rules ("this call becomes that call"), and each rule must match an exact number of
+sites in the target function; any other count means the function is not the shape
+the patch was written for, and the patch is not applied.
+
+Patterns are Python source. A bare name that starts with two underscores and does
+not end with two (``__x``, ``__state``) is a metavariable: it matches any
+expression (or, alone as a statement, any one statement) and can be reused in the
+replacement. Everything else must match exactly (variable names, constants, the
+order of keyword arguments); only source positions and load/store contexts are
+ignored.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+_METAVAR = re.compile(r"^__[A-Za-z0-9_]*[A-Za-z0-9]$")
+_POSITION_FIELDS = ("lineno", "col_offset", "end_lineno", "end_col_offset")
+
+
+def is_metavar(name: str) -> bool:
+    return bool(_METAVAR.match(name)) and not name.endswith("__")
+
+
+class PatternError(ValueError):
+    """A rule's own pattern or replacement is malformed (a bug in the patch)."""
+
+
+def _parse_pattern(source: str) -> tuple[str, list[ast.AST]]:
+    """Return ("expr", [node]) for an expression, else ("stmts", [statements])."""
+    try:
+        return "expr", [ast.parse(source.strip(), mode="eval").body]
+    except SyntaxError:
+        pass
+    try:
+        body = ast.parse(_dedent(source)).body
+    except SyntaxError as exc:
+        raise PatternError(f"pattern is not valid Python: {source!r}: {exc}") from None
+    if not body:
+        raise PatternError("empty pattern")
+    return "stmts", body
+
+
+def _dedent(source: str) -> str:
+    import textwrap
+
+    return textwrap.dedent(source).strip("\n")
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def _match(pattern, node, bindings: dict) -> bool:
+    if isinstance(pattern, ast.Name) and is_metavar(pattern.id):
+        return _bind(pattern.id, node, bindings)
+    if isinstance(pattern, ast.Expr) and isinstance(pattern.value, ast.Name) and is_metavar(pattern.value.id):
+        # A metavariable alone on a line stands for any single statement.
+        return isinstance(node, ast.stmt) and _bind(pattern.value.id, node, bindings)
+    if type(pattern) is not type(node):
+        return False
+    if isinstance(pattern, ast.AST):
+        for field in pattern._fields:
+            if field in ("ctx", "type_comment"):
+                continue
+            if not _match(getattr(pattern, field, None), getattr(node, field, None), bindings):
+                return False
+        return True
+    if isinstance(pattern, list):
+        return len(pattern) == len(node) and all(_match(p, n, bindings) for p, n in zip(pattern, node))
+    return pattern == node
+
+
+def _bind(name: str, node, bindings: dict) -> bool:
+    if not isinstance(node, ast.AST):
+        return False
+    if name in bindings:
+        return normalized_dump(bindings[name]) == normalized_dump(node)
+    bindings[name] = node
+    return True
+
+
+def normalized_dump(node: ast.AST) -> str:
+    return ast.dump(node, annotate_fields=False, include_attributes=False)
+
+
+def fingerprint(node: ast.AST) -> str:
+    """A short hash of a function's structure: positions, comments and formatting excluded."""
+    return hashlib.sha256(normalized_dump(node).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- substitution
+
+
+def _substitute(template: ast.AST, bindings: dict, site: ast.AST):
+    """Deep-copy ``template`` with metavariables replaced by their bound nodes.
+
+    New nodes take the position of the matched site, so tracebacks through the
+    patched function still point at the original line.
+    """
+
+    class Fill(ast.NodeTransformer):
+        def visit_Name(self, node):
+            if is_metavar(node.id):
+                if node.id not in bindings:
+                    raise PatternError(f"replacement uses unbound metavariable {node.id}")
+                return copy.deepcopy(bindings[node.id])
+            return node
+
+        def visit_Expr(self, node):
+            if isinstance(node.value, ast.Name) and is_metavar(node.value.id):
+                bound = bindings.get(node.value.id)
+                if isinstance(bound, ast.stmt):
+                    return copy.deepcopy(bound)
+            self.generic_visit(node)
+            return node
+
+    template = copy.deepcopy(template)
+    for sub in ast.walk(template):
+        if "lineno" in sub._attributes:
+            for attr in _POSITION_FIELDS:
+                setattr(sub, attr, getattr(site, attr, None))
+    return Fill().visit(template)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Replace every site matching ``find`` with ``replace``; exactly ``count`` sites must match.
+
+    ``find`` is an expression or a run of statements. ``replace`` is source of the
+    same kind (a run of statements may be replaced by any number of statements,
+    including none: use ``"pass"`` only where Python needs a statement).
+    """
+
+    description: str
+    find: str
+    replace: str
+    count: int = 1
+
+    def apply(self, func: ast.AST) -> int:
+        kind, pattern = _parse_pattern(self.find)
+        rkind, replacement = _parse_pattern(self.replace)
+        if kind == "expr":
+            if rkind != "expr":
+                raise PatternError(f"{self.description}: an expression must be replaced by an expression")
+            return _replace_expressions(func, pattern[0], replacement[0])
+        if rkind == "expr":
+            replacement = [ast.Expr(replacement[0])]
+        return _replace_statements(func, pattern, replacement)
+
+
+@dataclass(frozen=True)
+class Present:
+    """A check, not a change: ``find`` must occur exactly ``count`` times."""
+
+    description: str
+    find: str
+    count: int = 1
+
+    def apply(self, func: ast.AST) -> int:
+        return count_matches(func, self.find)
+
+
+@dataclass(frozen=True)
+class Custom:
+    """A rewrite written as a function ``transform(func_def) -> sites changed``.
+
+    For changes that patterns cannot say simply (e.g. editing a decorator list).
+    """
+
+    description: str
+    transform: Callable[[ast.AST], int]
+    count: int = 1
+
+    def apply(self, func: ast.AST) -> int:
+        return self.transform(func)
+
+
+def count_matches(func: ast.AST, find: str) -> int:
+    kind, pattern = _parse_pattern(find)
+    if kind == "expr":
+        return sum(1 for node in ast.walk(func) if _match(pattern[0], node, {}))
+    total = 0
+    for block in _statement_lists(func):
+        i = 0
+        while i + len(pattern) <= len(block):
+            if _match(pattern, block[i : i + len(pattern)], {}):
+                total += 1
+                i += len(pattern)
+            else:
+                i += 1
+    return total
+
+
+def _replace_expressions(func: ast.AST, pattern: ast.AST, replacement: ast.AST) -> int:
+    hits = 0
+
+    class Replace(ast.NodeTransformer):
+        def generic_visit(self, node):
+            bindings: dict = {}
+            if isinstance(node, ast.expr) and _match(pattern, node, bindings):
+                nonlocal hits
+                hits += 1
+                return _substitute(replacement, bindings, node)
+            return super().generic_visit(node)
+
+    Replace().generic_visit(func)  # never replaces the function node itself
+    return hits
+
+
+def _statement_lists(root: ast.AST) -> Iterable[list]:
+    for node in ast.walk(root):
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            value = getattr(node, field, None)
+            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
+                yield value
+
+
+def _replace_statements(func: ast.AST, pattern: list, replacement: list) -> int:
+    hits = 0
+    for block in list(_statement_lists(func)):
+        i = 0
+        while i + len(pattern) <= len(block):
+            bindings: dict = {}
+            if _match(pattern, block[i : i + len(pattern)], bindings):
+                new = [_substitute(stmt, bindings, block[i]) for stmt in replacement]
+                block[i : i + len(pattern)] = new
+                hits += 1
+                i += len(new)
+            else:
+                i += 1
+        if not block:
+            block.append(ast.Pass(lineno=1, col_offset=0, end_lineno=1, end_col_offset=4))
+    return hits
+
+
+# --------------------------------------------------------------------------- source of a def
+
+
+def find_def(tree: ast.Module, qualname: str):
+    """The FunctionDef for ``Class.method`` / ``function`` in a parsed module, or None."""
+    scope: list = tree.body
+    parts = qualname.split(".")
+    node = None
+    for i, part in enumerate(parts):
+        wanted = (ast.FunctionDef, ast.AsyncFunctionDef) if i == len(parts) - 1 else (ast.ClassDef,)
+        # The last definition wins, as it does when Python runs the module.
+        matches = [n for n in scope if isinstance(n, wanted) and n.name == part]
+        if not matches:
+            return None
+        node = matches[-1]
+        scope = node.body
+    return node
+
+
+def parse_def_at(lines: list[str], first_line: int):
+    """Parse the def (with its decorators) that starts at 1-based ``first_line``.
+
+    Much cheaper than parsing the whole module. Positions in the result are the
+    positions in the file.
+    """
+    import inspect
+
+    start = first_line - 1
+    block = inspect.getblock(lines[start:])
+    text = "".join(block)
+    indent = len(block[0]) - len(block[0].lstrip())
+    tree = ast.parse(_dedent_exact(text, indent))
+    node = tree.body[0]
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    ast.increment_lineno(node, start)
+    if indent:
+        for sub in ast.walk(node):
+            if hasattr(sub, "col_offset"):
+                sub.col_offset += indent
+                if getattr(sub, "end_col_offset", None) is not None:
+                    sub.end_col_offset += indent
+    return node
+
+
+def _dedent_exact(text: str, indent: int) -> str:
+    out = []
+    for line in text.splitlines(keepends=True):
+        out.append(line[indent:] if line[:indent].strip() == "" else line)
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------- compile
+
+
+FACTORY = "__sgl_accel_factory__"
+
+
+def uses_private_names(func: ast.AST) -> bool:
+    """True if the body uses class-private (mangled) names, which we do not re-mangle."""
+    for node in ast.walk(func):
+        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+        if name and name.startswith("__") and not name.endswith("__"):
+            return True
+    return False
+
+
+def compile_def(func: ast.AST, filename: str, module_globals: dict, closure: dict, *, decorators: bool = True):
+    """Evaluate the def ``func`` as if written where the original was.
+
+    The def is wrapped in a factory whose parameters are the names of
+    ``closure`` (the original's free variables such as ``__class__`` for
+    zero-argument ``super()``, plus helpers the patch adds), so the new function
+    sees them as closure cells and its globals are the target module's own dict.
+    Returns whatever the def statement binds (decorators applied unless
+    ``decorators`` is False).
+    """
+    func = copy.deepcopy(func)
+    if not decorators:
+        func.decorator_list = []
+    line = func.lineno
+    args = [ast.arg(arg=name, lineno=line, col_offset=0) for name in closure]
+    factory = ast.FunctionDef(
+        name=FACTORY,
+        args=ast.arguments(posonlyargs=[], args=args, vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[]),
+        body=[func, ast.Return(value=ast.Name(id=func.name, ctx=ast.Load()))],
+        decorator_list=[],
+        returns=None,
+    )
+    if "type_params" in ast.FunctionDef._fields:
+        factory.type_params = []
+    module = ast.Module(body=[factory], type_ignores=[])
+    for node in (factory, factory.body[1], factory.body[1].value):
+        node.lineno = node.end_lineno = line
+        node.col_offset = node.end_col_offset = 0
+    ast.fix_missing_locations(module)
+    code = compile(module, filename, "exec")
+    namespace: dict = {}
+    exec(code, module_globals, namespace)
+    return namespace[FACTORY](*closure.values())

@@ -1,0 +1,122 @@
+"""The ``sgl-accel`` command (also ``python -m sgl_accel``).
+
+Exit codes: 0 success, 1 the answer is negative (e.g. ``diff`` of a patch that
+does not apply here), 2 usage error (argparse), 3 bad environment setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+
+
+def _hardware(args):
+    from ._detect import detect_hardware, parse_hardware
+
+    if getattr(args, "hardware", None):
+        return parse_hardware(args.hardware)
+    return detect_hardware()
+
+
+def cmd_list(args) -> int:
+    from ._registry import all_patches
+
+    patches = all_patches()
+    if args.json:
+        print(json.dumps([_describe(p) for p in patches.values()], indent=2))
+        return 0
+    for patch in patches.values():
+        print(f"{patch.name:24} {patch.kind:8} {patch.upstream_pr:8} {'/'.join(patch.hardware):12} {patch.summary}")
+    return 0
+
+
+def _describe(patch) -> dict:
+    return {
+        "name": patch.name,
+        "kind": patch.kind,
+        "upstream_pr": patch.upstream_pr,
+        "hardware": list(patch.hardware),
+        "kernels": list(patch.kernels),
+        "releases": patch.releases,
+        "summary": patch.summary,
+        "targets": [t.key for t in patch.targets],
+    }
+
+
+def cmd_status(args) -> int:
+    """What apply() would do in a process started here, read from the installed source."""
+    from ._detect import sglang_install
+    from ._plan import plan_patch
+    from ._registry import all_patches, resolve_names
+    from ._report import Report
+
+    install = sglang_install()
+    hardware = _hardware(args)
+    names = resolve_names(args.patches or None)
+    reports = [plan_patch(all_patches()[n], install.location, install.version, hardware) for n in names]
+    report = Report(reports, sglang=install.describe(), hardware=hardware.describe(), version=__version__)
+    print(report.to_json() if args.json else report.table())
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from ._detect import sglang_install
+    from ._plan import diff_patch
+    from ._registry import all_patches, resolve_names
+
+    (name,) = resolve_names([args.name])
+    install = sglang_install()
+    if not install.installed:
+        print("sglang is not installed", file=sys.stderr)
+        return 1
+    ok, text = diff_patch(all_patches()[name], install.location)
+    print(text)
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sgl-accel",
+        description="Backported sglang fixes and speed-ups for Ascend NPU and AMD ROCm: see what applies, and why.",
+    )
+    parser.add_argument("--version", action="version", version=f"sgl-accel {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("status", help="what apply() would do here, per patch, with the reason")
+    p.add_argument("patches", nargs="*", help="patch names (default: all)")
+    p.add_argument("--hardware", help="override detection (ascend, rocm, rocm:gfx950, cuda, cpu)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("list", help="the patches sgl-accel ships")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("diff", help="unified diff between an installed target and its patched form")
+    p.add_argument("name", help="patch name")
+    p.set_defaults(func=cmd_diff)
+    return parser
+
+
+def main(argv=None) -> int:
+    from ._detect import SettingError
+    from ._registry import UnknownPatchError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UnknownPatchError as exc:
+        print(f"sgl-accel: {exc}", file=sys.stderr)
+        return 2
+    except SettingError as exc:
+        print(f"sgl-accel: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Entry point for sglang's plugin mechanism (group ``sglang.srt.plugins``, sglang >= 0.5.11).
+
+sglang calls ``load()`` from ``sglang.srt.plugins.load_plugins()`` in its engine
+and scheduler processes. Installing sgl-accel is enough: with SGL_ACCEL unset
+every applicable patch is applied; SGL_ACCEL=0 turns it off, SGL_ACCEL=name,...
+and SGL_ACCEL_DISABLE select patches as for start-up activation.
+"""
+
+
+def load() -> None:
+    from ._config import activate_from_environment
+
+    activate_from_environment(default_on=True, origin="sglang plugin")
