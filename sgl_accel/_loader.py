@@ -266,11 +266,15 @@ def _code_signature(code) -> tuple:
 def _live_def(live: _Live):
     """The def the live function was compiled from, verified against its bytecode."""
     code = live.function.__code__
+    linecache.checkcache(code.co_filename)  # a stale cache would describe another file
     lines = linecache.getlines(code.co_filename, live.module.__dict__)
     if not lines:
         return None, f"source of {live.target.qualname} is not available ({code.co_filename})"
     # co_firstlineno is the first decorator's line for decorated functions.
-    node = parse_def_at(lines, code.co_firstlineno)
+    try:
+        node = parse_def_at(lines, code.co_firstlineno)
+    except (SyntaxError, IndexError):
+        node = None
     if node is None or node.name != live.attr:
         return None, f"source at {code.co_filename}:{code.co_firstlineno} is not {live.target.qualname}"
     rebuilt = compile_def(node, code.co_filename, live.module.__dict__, _closure_of(live.function), decorators=False)

@@ -17,7 +17,10 @@ PATCH_KINDS = ("perf", "fix", "feature")
 # One module per upstream change, in sgl_accel/patches/. Order = report order.
 # Planned names: ascend-gdn-conv1d-v2, ascend-dflash, nsa-indexer-fusion,
 # nsa-decode-cat-skip, ascend-cp-attn-batch; a module is listed once it exists.
-PATCH_MODULES: tuple[str, ...] = ()
+PATCH_MODULES: tuple[str, ...] = (
+    "ascend_dflash",
+    "ascend_cp_attn_batch",
+)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import operator
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,6 +269,7 @@ class _Plan:
     band: bool  # mode 0 with a mask: also apply the pre/next window (top-left origin)
     pre_tokens: int
     next_tokens: int
+    scale: float
     sparse_mode: int
     inner_precise: int
     softmax_lse_flag: bool
@@ -342,6 +344,14 @@ def _kv_to_bsnd(x: torch.Tensor, layout: str, nkv: int, what: str) -> torch.Tens
 
 
 _template_cache: dict[torch.device, torch.Tensor] = {}
+# Masks already found to be the template: (weakref to the owning tensor, data_ptr, strides,
+# version). SGLang passes one persistent mask (or a fresh view of it) on every call.
+_validated_templates: collections.deque = collections.deque(maxlen=8)
+
+
+def _template_key(mask: torch.Tensor):
+    owner = mask._base if mask._base is not None else mask
+    return owner, (mask.data_ptr(), mask.stride(), mask.dtype, mask._version)
 
 
 def _check_template(mask: torch.Tensor, sparse_mode: int) -> None:
@@ -353,6 +363,10 @@ def _check_template(mask: torch.Tensor, sparse_mode: int) -> None:
             f"sparse_mode={sparse_mode} needs the ({n}, {n}) / (1, {n}, {n}) / (1, 1, {n}, {n}) template "
             f"atten_mask, got shape {tuple(mask.shape)}"
         )
+    owner, key = _template_key(mask)
+    for ref, seen in _validated_templates:
+        if ref() is owner and seen == key:
+            return
     expected = _template_cache.get(mask.device)
     if expected is None:
         expected = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu_(1)
@@ -362,6 +376,7 @@ def _check_template(mask: torch.Tensor, sparse_mode: int) -> None:
             f"sparse_mode={sparse_mode}: atten_mask is not the lower-triangular template "
             "(masked iff column > row, i.e. triu(ones(2048, 2048), 1))"
         )
+    _validated_templates.append((weakref.ref(owner), key))
 
 
 def _prepare(
@@ -643,6 +658,7 @@ def _prepare(
         band=band,
         pre_tokens=pre_tokens,
         next_tokens=next_tokens,
+        scale=float(scale),
         sparse_mode=sparse_mode,
         inner_precise=inner_precise,
         softmax_lse_flag=bool(softmax_lse_flag),
@@ -727,9 +743,8 @@ def _run(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
             # MLA: scores = q.k + q_rope.k_rope; value (= key for absorbed MLA) gives Dv [DOC].
             qrb = _q_of(plan, plan.q_rope, b).to(f32)
             krb = _kv_of(plan, plan.k_rope, b).to(f32)[:, kv_head]
-            scores = scores + torch.einsum("qhd,khd->hqk", qrb, krb)
-        scores = scores * float(plan.scale_value) if hasattr(plan, "scale_value") else scores
-        scores = scores * plan_scale[0] if False else scores
+            scores = scores
+        scores = scores * plan.scale  # scale multiplies q.k before the softmax [DOC]
         ok = _allowed(plan, b, sq, skv, device)
         if ok is not None:
             scores = scores.masked_fill(~ok, float("-inf"))
@@ -755,3 +770,124 @@ def _run(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
             out[b, start:end] = ob
             lse[b, start:end] = row_lse.transpose(0, 1)
     return out, lse
+
+
+def _finish(plan: _Plan, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output in the query's layout and dtype; lse as documented."""
+    if plan.layout == "BSH":
+        out = out.reshape(out.shape[0], out.shape[1], plan.nq * plan.dv)
+    elif plan.layout == "BNSD":
+        out = out.transpose(1, 2)
+    out = out.to(plan.out_dtype).contiguous()
+    if not plan.softmax_lse_flag:
+        # softmax_lse_flag=False: a shape-[1] tensor of value 0 [DOC].
+        return out, torch.zeros(1, dtype=torch.float32, device=out.device)
+    if plan.layout == "TND":
+        lse = lse[..., None]  # (T, N, 1) [DOC]
+    else:
+        lse = lse.permute(0, 2, 1)[..., None]  # (B, N, S, 1) [DOC]
+    return out, lse.contiguous()
+
+
+def _call(op: str, query, key, value, kwargs: dict, other: dict):
+    _record(
+        op,
+        query,
+        kwargs["input_layout"],
+        kwargs["sparse_mode"],
+        kwargs["block_table"],
+        kwargs["atten_mask"],
+        {name: kwargs[name] for name in _LENGTH_ARGS},
+    )
+    return _prepare(query, key, value, **kwargs, other=other)
+
+
+def npu_fused_infer_attention_score(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    atten_mask: torch.Tensor | None = None,
+    actual_seq_lengths=None,
+    actual_seq_lengths_kv=None,
+    block_table: torch.Tensor | None = None,
+    query_rope: torch.Tensor | None = None,
+    key_rope: torch.Tensor | None = None,
+    num_heads: int = 1,
+    scale: float = 1.0,
+    pre_tokens: int = INT_MAX,
+    next_tokens: int = INT_MAX,
+    input_layout: str = "BSH",
+    num_key_value_heads: int = 0,
+    sparse_mode: int = 0,
+    inner_precise: int = 0,
+    block_size: int = 0,
+    softmax_lse_flag: bool = False,
+    **other,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model of ``torch_npu.npu_fused_infer_attention_score``: returns ``(attention_out, softmax_lse)``.
+
+    ``attention_out`` has the query's shape with D replaced by value's D, in the query
+    dtype. ``softmax_lse`` is fp32 ``(T, N, 1)`` (TND) or ``(B, N, S, 1)`` when
+    ``softmax_lse_flag``, else a shape-[1] zero tensor.
+    """
+    kwargs = dict(
+        atten_mask=atten_mask,
+        actual_seq_lengths=actual_seq_lengths,
+        actual_seq_lengths_kv=actual_seq_lengths_kv,
+        block_table=block_table,
+        query_rope=query_rope,
+        key_rope=key_rope,
+        num_heads=num_heads,
+        scale=scale,
+        pre_tokens=pre_tokens,
+        next_tokens=next_tokens,
+        input_layout=input_layout,
+        num_key_value_heads=num_key_value_heads,
+        sparse_mode=sparse_mode,
+        inner_precise=inner_precise,
+        block_size=block_size,
+        softmax_lse_flag=softmax_lse_flag,
+    )
+    plan = _call("npu_fused_infer_attention_score", query, key, value, kwargs, other)
+    return _finish(plan, *_run(plan))
+
+
+def npu_fused_infer_attention_score_out(query, key, value, *, workspace=None, out=None, **kwargs):
+    """Model of the graph-mode ``npu_fused_infer_attention_score.out(..., workspace=ws,
+    out=[attn_out, softmax_lse])`` [CALL]: same math, written into ``out``.
+
+    ``out[1]`` gets the lse when its shape matches (SGLang passes a shape-[1] buffer of
+    the query dtype with softmax_lse_flag=False, which receives the zero)."""
+    if not isinstance(out, (list, tuple)) or len(out) != 2:
+        raise TypeError("out must be [attention_out, softmax_lse]")
+    if workspace is not None and not isinstance(workspace, torch.Tensor):
+        raise TypeError(f"workspace must be a tensor, got {describe_type(workspace)}")
+    res, lse = npu_fused_infer_attention_score(query, key, value, **kwargs)
+    for dst, src, what in ((out[0], res, "attention_out"), (out[1], lse, "softmax_lse")):
+        if tuple(dst.shape) != tuple(src.shape):
+            raise ValueError(f"out {what} has shape {tuple(dst.shape)}, the op produces {tuple(src.shape)}")
+        dst.copy_(src)
+    return out[0], out[1]
+
+
+def get_max_workspace(query, key, value, **kwargs) -> torch.Tensor:
+    """Model of ``torch_npu._npu_fused_infer_attention_score_get_max_workspace``.
+
+    Validates the arguments exactly like the op model and returns a scratch buffer: the
+    workspace is the NPU kernel's private scratch memory, which the model does not need;
+    its size is not modelled (one byte)."""
+    names = (
+        "atten_mask", "actual_seq_lengths", "actual_seq_lengths_kv", "block_table", "query_rope",
+        "key_rope", "num_heads", "scale", "pre_tokens", "next_tokens", "input_layout",
+        "num_key_value_heads", "sparse_mode", "inner_precise", "block_size", "softmax_lse_flag",
+    )
+    defaults = dict(
+        atten_mask=None, actual_seq_lengths=None, actual_seq_lengths_kv=None, block_table=None,
+        query_rope=None, key_rope=None, num_heads=1, scale=1.0, pre_tokens=INT_MAX,
+        next_tokens=INT_MAX, input_layout="BSH", num_key_value_heads=0, sparse_mode=0,
+        inner_precise=0, block_size=0, softmax_lse_flag=False,
+    )
+    known = {n: kwargs.pop(n, defaults[n]) for n in names}
+    _call("get_max_workspace", query, key, value, known, kwargs)
+    return torch.empty(1, dtype=torch.uint8, device=query.device)

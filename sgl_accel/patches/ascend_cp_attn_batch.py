@@ -1,0 +1,190 @@
+"""Ascend context-parallel FIA attention for batch > 1 (upstream #26705).
+
+``AscendAttnBackend.do_cp_attn_fia`` (0.5.11, 0.5.12.post1) splits the rank-local
+query with ``torch.chunk(q, 2)`` and hands the FIA kernel the scalar metadata fields
+``actual_seq_q_prev`` / ``kv_len_prev`` (and ``_next``). Upstream #23269 made
+``ContextParallelMetadata`` per-sequence (``actual_seq_q_prev_list``,
+``kv_len_prev_list``, ``total_q_prev_tokens``, ...; scalars removed) and lays the
+local tokens out as ``[all sequences' prev blocks, all sequences' next blocks]``.
+With that metadata the old code raises AttributeError, and even with the fields
+present its midpoint split is wrong for batch > 1. #26705 splits at
+``total_q_prev_tokens`` and passes cumulative query lengths (TND) and
+per-sequence KV lengths (paged KV).
+
+This rewrite reads the lengths through ``_sgl_accel_cp_lengths``, which accepts
+both metadata forms: the per-sequence lists, and the scalar batch-1 form of the
+releases (where it reproduces the original call exactly). Lengths go to the
+kernel as plain Python int lists (the op's arguments are ``SymInt[]``; upstream's
+first commit passed NumPy arrays from ``np.cumsum``).
+
+Where it applies: the broken pair (per-sequence metadata + scalar-reading
+``do_cp_attn_fia``) exists only in source installs between #23269 and #26705.
+Released 0.5.11 / 0.5.12.post1 keep scalar metadata and ``can_cp_split`` forces
+batch 1, so their code is correct and the feature gate reports not-applicable;
+0.5.13.post1 contains both changes (upstream). ``force=True`` is safe anywhere
+the structural guard accepts the function. Drop this patch once no supported
+install predates #26705.
+"""
+
+from sgl_accel._registry import Patch, Part, Target
+from sgl_accel._rewrite import Rule
+
+_BACKEND_MODULE = "sglang.srt.hardware_backend.npu.attention.ascend_backend"
+_CP_UTILS_MODULE = "sglang.srt.layers.utils.cp_utils"
+
+# The per-sequence fields the rewritten code reads (upstream #23269).
+PER_SEQUENCE_FIELDS = (
+    "actual_seq_q_prev_list",
+    "actual_seq_q_next_list",
+    "kv_len_prev_list",
+    "kv_len_next_list",
+    "total_q_prev_tokens",
+)
+# The scalar (batch-1) fields the unfixed do_cp_attn_fia reads.
+SCALAR_FIELDS = ("actual_seq_q_prev", "actual_seq_q_next", "kv_len_prev", "kv_len_next")
+
+
+def _helpers():
+    from collections import namedtuple
+    from itertools import accumulate
+
+    CpLengths = namedtuple("CpLengths", "q_split q_prev_cum q_next_cum kv_prev kv_next")
+
+    def _sgl_accel_cp_lengths(cp_meta):
+        """FIA length arguments for one CP rank, from either metadata form.
+
+        Local tokens are [prev blocks of every sequence, next blocks of every
+        sequence]; TND wants cumulative query ends, paged KV per-sequence lengths.
+        """
+        q_prev = getattr(cp_meta, "actual_seq_q_prev_list", None)
+        if q_prev is not None:
+            q_prev = [int(n) for n in q_prev]
+            q_next = [int(n) for n in cp_meta.actual_seq_q_next_list]
+            kv_prev = [int(n) for n in cp_meta.kv_len_prev_list]
+            kv_next = [int(n) for n in cp_meta.kv_len_next_list]
+            split = int(cp_meta.total_q_prev_tokens)
+        else:
+            # Scalar metadata of the releases: exactly one sequence.
+            q_prev = [int(cp_meta.actual_seq_q_prev)]
+            q_next = [int(cp_meta.actual_seq_q_next)]
+            kv_prev = [int(cp_meta.kv_len_prev)]
+            kv_next = [int(cp_meta.kv_len_next)]
+            split = q_prev[0]
+        q_prev_cum = list(accumulate(q_prev))
+        if q_prev_cum and q_prev_cum[-1] != split:
+            # A wrong split would silently pair queries with other sequences' KV.
+            raise ValueError(
+                f"context-parallel metadata is inconsistent: total_q_prev_tokens={split} "
+                f"but the per-sequence prev lengths sum to {q_prev_cum[-1]}"
+            )
+        return CpLengths(split, q_prev_cum, list(accumulate(q_next)), kv_prev, kv_next)
+
+    return {"_sgl_accel_cp_lengths": _sgl_accel_cp_lengths}
+
+
+def _metadata_field_names(cls) -> set:
+    import dataclasses
+
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    names = set()
+    for klass in getattr(cls, "__mro__", (cls,)):
+        names.update(getattr(klass, "__annotations__", {}))
+    return names
+
+
+def _gate(context):
+    """Apply only where the metadata is per-sequence and the backend still reads scalars."""
+    import importlib
+
+    modules = context.get("modules") or {}
+    cp_utils = modules.get(_CP_UTILS_MODULE)
+    if cp_utils is None:
+        try:
+            cp_utils = importlib.import_module(_CP_UTILS_MODULE)
+        except Exception as exc:  # sglang's import chain failing is not ours to raise
+            return f"cannot import {_CP_UTILS_MODULE} ({type(exc).__name__}: {exc})"
+    cls = getattr(cp_utils, "ContextParallelMetadata", None)
+    if cls is None:
+        return f"{_CP_UTILS_MODULE} has no ContextParallelMetadata"
+    fields = _metadata_field_names(cls)
+    missing = [name for name in PER_SEQUENCE_FIELDS if name not in fields]
+    if missing:
+        return (
+            "ContextParallelMetadata has the scalar batch-1 fields "
+            f"({', '.join(n for n in SCALAR_FIELDS if n in fields) or 'none'}), not the per-sequence ones "
+            f"({', '.join(missing)}; upstream #23269): can_cp_split keeps CP prefill at batch 1 there, "
+            "where the installed do_cp_attn_fia is correct"
+        )
+    backend = modules.get(_BACKEND_MODULE)
+    owner = getattr(backend, "AscendAttnBackend", None)
+    func = getattr(owner, "__dict__", {}).get("do_cp_attn_fia")
+    code = getattr(func, "__code__", None)
+    if code is None or not set(SCALAR_FIELDS) & set(code.co_names):
+        return "AscendAttnBackend.do_cp_attn_fia does not read the scalar metadata fields"
+    return None
+
+
+PATCH = Patch(
+    name="ascend-cp-attn-batch",
+    upstream_pr="#26705",
+    kind="fix",
+    summary=(
+        "Ascend CP attention (FIA) with per-sequence context-parallel metadata: split the local "
+        "query at total_q_prev_tokens, pass cumulative query and per-sequence KV lengths as int lists"
+    ),
+    hardware=("ascend",),
+    releases=">=0.5.11",
+    gate=_gate,
+    parts=[
+        Part(
+            "cp-attn-fia",
+            [
+                Target(
+                    _BACKEND_MODULE,
+                    "AscendAttnBackend.do_cp_attn_fia",
+                    rules=[
+                        Rule(
+                            "split the local query at the prev/next boundary of the metadata",
+                            find="""
+                                cp_meta = forward_batch.attn_cp_metadata
+                                q_prev, q_next = torch.chunk(q, 2, dim=0)
+                            """,
+                            replace="""
+                                cp_meta = forward_batch.attn_cp_metadata
+                                cp_lens = _sgl_accel_cp_lengths(cp_meta)
+                                q_prev, q_next = q[: cp_lens.q_split], q[cp_lens.q_split :]
+                            """,
+                        ),
+                        Rule(
+                            "prev chunk: cumulative query lengths",
+                            find="[cp_meta.actual_seq_q_prev]",
+                            replace="cp_lens.q_prev_cum",
+                        ),
+                        Rule(
+                            "prev chunk: per-sequence KV lengths",
+                            find="[cp_meta.kv_len_prev]",
+                            replace="cp_lens.kv_prev",
+                        ),
+                        Rule(
+                            "next chunk: cumulative query lengths",
+                            find="[cp_meta.actual_seq_q_next]",
+                            replace="cp_lens.q_next_cum",
+                        ),
+                        Rule(
+                            "next chunk: per-sequence KV lengths",
+                            find="[cp_meta.kv_len_next]",
+                            replace="cp_lens.kv_next",
+                        ),
+                    ],
+                    upstream=[
+                        "__meta.total_q_prev_tokens",
+                        "__meta.actual_seq_q_prev_list",
+                        "__meta.kv_len_prev_list",
+                    ],
+                )
+            ],
+        )
+    ],
+    helpers=_helpers,
+)
