@@ -11,6 +11,12 @@ demo: envs
 	.venv/bin/sgl-accel list
 	PYTHONPATH=.envs/sglang-$(RELEASE) .venv/bin/sgl-accel status
 	PYTHONPATH=.envs/sglang-$(RELEASE) .venv/bin/sgl-accel status --hardware ascend
+	.venv/bin/sgl-accel plan --sglang $(RELEASE) --hardware ascend
+	.venv/bin/sgl-accel pin --hardware ascend
+
+# Refresh sgl_accel/compat/matrix.json and the README table from every release wheel on PyPI.
+compat: envs
+	.venv/bin/python -m sgl_accel.compat.scanner
 
 # Install, then run the whole suite against every test release.
 test:

@@ -78,3 +78,36 @@ def static_def(target, sglang_root: str):
 
 def check_static(target, sglang_root: str) -> Verdict:
     return check_def(target, static_def(target, sglang_root))
+
+
+class SourceReader:
+    """Read-only access to a release's source for feature gates: parsed modules, classes, defs."""
+
+    def __init__(self, sglang_root: str):
+        self.sglang_root = sglang_root
+
+    def module(self, module: str) -> Optional[ast.Module]:
+        path = module_file(module, self.sglang_root)
+        if path is None:
+            return None
+        return _parsed(str(path), os.stat(path).st_mtime_ns)
+
+    def find(self, module: str, qualname: str):
+        """The ClassDef or FunctionDef named ``qualname`` in ``module`` (None if absent)."""
+        tree = self.module(module)
+        if tree is None:
+            return None
+        scope, node = tree.body, None
+        for part in qualname.split("."):
+            node = next((n for n in reversed(scope) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == part), None)
+            if node is None:
+                return None
+            scope = node.body
+        return node
+
+    def class_fields(self, module: str, name: str) -> Optional[set]:
+        """Annotated field names of a (data)class, None if the class is absent."""
+        node = self.find(module, name)
+        if not isinstance(node, ast.ClassDef):
+            return None
+        return {n.target.id for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import logging
+import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Optional
 
 from . import __version__
 from ._detect import Hardware, SglangInstall, detect_hardware, hardware_override, kernel_available, sglang_install
-from ._guard import Verdict, check_def
+from ._guard import SourceReader, Verdict, check_def
 from ._registry import Patch, Target, all_patches, resolve_names
 from ._report import PatchReport, Report, TargetReport, overall_state
 from ._rewrite import compile_def, parse_def_at
@@ -66,6 +67,7 @@ def apply(patches=None, *, force: bool = False, allow_untested: bool = False, di
     """
     names = resolve_names(patches)
     disabled = set(resolve_names(list(disabled))) if disabled else set()
+    allow_untested = allow_untested or os.environ.get("SGL_ACCEL_ALLOW_UNTESTED", "").strip().lower() in ("1", "true", "on", "yes")
     with _LOCK:
         for name in names:
             state = _states.setdefault(name, _State())
@@ -350,10 +352,14 @@ def _evaluate_and_apply(patch: Patch, state: _State) -> PatchReport:
             prefix = "partly upstream, " if "upstream" in kinds else ""
             part_states[part.name] = f"skipped: {prefix}{'; '.join(bad)}"
             continue
+        untested = _untested(part, [v for _, v in checked])
+        if untested and not state.allow_untested:
+            part_states[part.name] = f"skipped: {untested}"
+            continue
         if not state.force:
             reason, kernels_found = _kernel_gate(patch)
             if reason is None and patch.gate is not None:
-                reason = patch.gate(_gate_context())
+                reason = patch.gate(SourceReader(_sglang_info().location))
             if reason:
                 part_states[part.name] = f"not-applicable: {reason}"
                 continue
@@ -379,8 +385,14 @@ def _evaluate_and_apply(patch: Patch, state: _State) -> PatchReport:
     return _patch_report(name, *overall_state(part_states, _sglang_info().version), part_states, targets)
 
 
-def _gate_context():
-    return {"sglang": _sglang_info(), "hardware": _hardware_info(), "modules": sys.modules}
+def _untested(part, verdicts) -> Optional[str]:
+    """The tested-source policy: every target's fingerprint must be one the matrix saw."""
+    from .compat import is_tested
+
+    unseen = [f"{t.qualname} fingerprint {v.fingerprint}" for t, v in zip(part.targets, verdicts) if not is_tested(t.key, v.fingerprint)]
+    if not unseen:
+        return None
+    return "untested source (" + ", ".join(unseen) + "); set SGL_ACCEL_ALLOW_UNTESTED=1 to apply anyway"
 
 
 def _build(live: _Live, verdict: Verdict, helpers: dict, name: str):

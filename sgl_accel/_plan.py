@@ -16,7 +16,7 @@ from ._registry import Patch, all_patches
 from ._report import PatchReport, TargetReport, overall_state
 
 
-def plan_patch(patch: Patch, sglang_root: Optional[str], version: Optional[str], hardware=None, check_kernels: bool = True) -> PatchReport:
+def plan_patch(patch: Patch, sglang_root: Optional[str], version: Optional[str], hardware=None, check_kernels: bool = True, check_tested: bool = True) -> PatchReport:
     """The state apply() would reach. ``hardware`` None: judge the source only.
 
     States: applies (what "applied" would be), upstream, not-applicable, skipped.
@@ -55,11 +55,23 @@ def plan_patch(patch: Patch, sglang_root: Optional[str], version: Optional[str],
         if kinds == {"upstream"}:
             parts[part.name] = "upstream"
         elif kinds == {"applies"}:
-            parts[part.name] = "applies"
-            applies = True
+            from ._loader import _untested
+
+            untested = _untested(part, verdicts) if check_tested else None
+            if untested:
+                parts[part.name] = f"skipped: {untested}"
+            else:
+                parts[part.name] = "applies"
+                applies = True
         else:
             bad = "; ".join(v.reason for v in verdicts if v.state != "applies")
             parts[part.name] = f"skipped: {'partly upstream, ' if 'upstream' in kinds else ''}{bad}"
+    if applies and patch.gate is not None:
+        from ._guard import SourceReader
+
+        reason = patch.gate(SourceReader(sglang_root))
+        if reason:
+            return report("not-applicable", reason, parts, targets)
     if applies and hardware is not None and check_kernels and patch.kernels:
         from ._detect import kernel_available
 

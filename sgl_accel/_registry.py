@@ -18,6 +18,7 @@ PATCH_KINDS = ("perf", "fix", "feature")
 # Planned names: ascend-gdn-conv1d-v2, ascend-dflash, nsa-indexer-fusion,
 # nsa-decode-cat-skip, ascend-cp-attn-batch; a module is listed once it exists.
 PATCH_MODULES: tuple[str, ...] = (
+    "ascend_gdn_conv1d_v2",
     "ascend_dflash",
     "ascend_cp_attn_batch",
 )
@@ -68,8 +69,12 @@ class Patch:
     kernels: Sequence[str] = ()
     # A PEP 440 specifier; dev and local builds are compared as their release.
     releases: str = ""
-    # Optional feature gate: fn(context) -> None if fine, else the reason it does not apply.
+    # Optional feature gate over the release's source: fn(reader: _guard.SourceReader)
+    # -> None if fine, else the reason it does not apply. Source-based so that the
+    # scanner (no import) and apply() decide the same way.
     gate: Optional[Callable] = None
+    # Modules the gate reads besides the targets (the scanner extracts them).
+    gate_modules: Sequence[str] = ()
     # Called once when the patch is applied: returns {name: object} the rewritten
     # code refers to (bound as closure variables, never added to sglang modules).
     helpers: Optional[Callable[[], dict]] = None

@@ -62,6 +62,44 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Like status, or for any release of the compatibility matrix without installing it."""
+    if not args.sglang:
+        return cmd_status(args)
+    from .compat.query import NotInMatrix, plan_release
+
+    try:
+        report = plan_release(args.sglang, _hardware(args))
+    except NotInMatrix as exc:
+        print(f"sgl-accel: {exc}", file=sys.stderr)
+        return 1
+    print(report.to_json() if args.json else report.table())
+    return 0
+
+
+def cmd_pin(args) -> int:
+    from ._detect import parse_hardware
+    from ._registry import resolve_names
+    from .compat.query import pin
+
+    names = resolve_names(args.patches) if args.patches else None
+    kind = parse_hardware(args.hardware).kind if args.hardware else None
+    requirement, releases = pin(names, kind)
+    if not requirement:
+        print("sgl-accel: no sglang release in the matrix satisfies every named patch", file=sys.stderr)
+        return 1
+    if args.format == "constraints":
+        text = f"# sgl-accel {__version__}: sglang releases where {', '.join(names or ['every patch'])} apply or are upstream\n# ({', '.join(releases)})\n{requirement}\n"
+    else:
+        text = requirement + "\n"
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_diff(args) -> int:
     from ._detect import sglang_install
     from ._plan import diff_patch
@@ -91,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", help="override detection (ascend, rocm, rocm:gfx950, cuda, cpu)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("plan", help="what apply() would do, here or on any release of the compatibility matrix")
+    p.add_argument("patches", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--sglang", metavar="VERSION", help="a release from the matrix (default: the installed sglang)")
+    p.add_argument("--hardware", help="override detection (ascend, rocm, rocm:gfx950, cuda, cpu)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("pin", help="a pip requirement for the sglang releases where the patches apply or are upstream")
+    p.add_argument("patches", nargs="*", help="patch names (default: all, or all for --hardware)")
+    p.add_argument("--hardware", help="only the patches for this hardware when no name is given")
+    p.add_argument("--format", choices=("requirement", "constraints"), default="requirement")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_pin)
 
     p = sub.add_parser("list", help="the patches sgl-accel ships")
     p.add_argument("--json", action="store_true")

@@ -45,6 +45,8 @@ def demo(tmp_path, monkeypatch, accel):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(_loader, "_sglang_info", lambda: SglangInstall("0.5.11", str(tmp_path)))
     accel("cpu")
+    # The demo module is not in the compatibility matrix (test_untested_source_is_skipped).
+    monkeypatch.setenv("SGL_ACCEL_ALLOW_UNTESTED", "1")
     patch = Patch(
         name="demo-patch",
         upstream_pr="#1",
@@ -249,3 +251,13 @@ def test_report_prints_as_table_and_json(demo):
     data = json.loads(report.to_json())
     assert data["patches"][0]["state"] == "applied" and data["patches"][0]["targets"][0]["fingerprint"]
     assert report.summary().startswith("sgl-accel ") and "applied 1/1" in report.summary()
+
+
+def test_untested_source_is_skipped_with_its_fingerprint(demo, monkeypatch):
+    module = importlib.import_module(demo)
+    monkeypatch.delenv("SGL_ACCEL_ALLOW_UNTESTED")
+    report = sgl_accel.apply(["demo-patch"])
+    assert report["demo-patch"].state == "skipped"
+    assert "untested source (Model.run fingerprint " in report["demo-patch"].reason
+    assert _is_original(module)
+    assert sgl_accel.apply(["demo-patch"], allow_untested=True)["demo-patch"].state == "applied"

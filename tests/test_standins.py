@@ -217,34 +217,43 @@ def test_conv1d_op_is_a_real_op_mutating_conv_state(active, monkeypatch):
     assert torch.equal(seen["num_accepted_tokens"], acc)
 
 
-def test_fia_wiring_forwards_changed_arguments(active, monkeypatch):
-    received = {}
+def test_fia_wiring_passes_arguments_through(active, monkeypatch):
+    received = []
 
-    def fia(query, key, value, **kwargs):
-        received.clear()
-        received.update(kwargs)
-        return query * 3, None
+    def record(tag, result):
+        def fn(*args, **kwargs):
+            received.append((tag, args, kwargs))
+            return result
 
-    _fake_kernel_module(monkeypatch, "fia", npu_fused_infer_attention_score=fia)
+        return fn
+
+    _fake_kernel_module(
+        monkeypatch, "fia",
+        npu_fused_infer_attention_score=record("fia", ("out", "lse")),
+        npu_fused_infer_attention_score_out=record("fia.out", None),
+        get_max_workspace=record("ws", "workspace"),
+    )
+    import numpy as np
     import torch_npu
 
-    assert torch_npu.npu_fused_infer_attention_score is torch.ops.npu.npu_fused_infer_attention_score
+    # both spellings sglang uses reach the same reference
+    assert torch.ops.npu.npu_fused_infer_attention_score is torch_npu.npu_fused_infer_attention_score
     q, k, v = torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8)
-    out, lse = torch_npu.npu_fused_infer_attention_score(
-        q, k, v, num_heads=2, input_layout="TND", actual_seq_lengths=torch.tensor([1, 4]),
-        actual_seq_lengths_kv=[1, 4], scale=0.5, sparse_mode=3,
-    )
-    assert torch.equal(out, q * 3)
-    assert lse.shape == (1,) and lse.dtype == torch.float32 and lse.item() == 0
-    assert received == dict(num_heads=2, input_layout="TND", actual_seq_lengths=[1, 4],
-                            actual_seq_lengths_kv=[1, 4], scale=0.5, sparse_mode=3)
+    lens = np.cumsum([1, 3])  # must arrive as the numpy array the caller built
+    assert torch.ops.npu.npu_fused_infer_attention_score(
+        q, k, v, num_heads=2, input_layout="TND", actual_seq_lengths=lens, sparse_mode=3
+    ) == ("out", "lse")
+    tag, args, kwargs = received[-1]
+    assert tag == "fia" and args[0] is q and args[2] is v
+    assert kwargs["actual_seq_lengths"] is lens and kwargs["input_layout"] == "TND"
 
-    # graph-mode spelling: .out with a workspace
-    ws = torch_npu._npu_fused_infer_attention_score_get_max_workspace(q, k, v, num_heads=2)
-    attn, lse_buf = torch.empty_like(q), torch.ones(1)
-    torch_npu.npu_fused_infer_attention_score.out(q, k, v, num_heads=2, workspace=ws, out=[attn, lse_buf])
-    assert torch.equal(attn, q * 3) and lse_buf.item() == 0
-    assert received == dict(num_heads=2)
+    # graph-mode spelling: workspace + .out
+    assert torch_npu._npu_fused_infer_attention_score_get_max_workspace(q, k, v, num_heads=2) == "workspace"
+    bufs = [torch.empty_like(q), torch.empty(1)]
+    torch_npu.npu_fused_infer_attention_score.out(q, k, v, num_heads=2, workspace="workspace", out=bufs)
+    assert received[-2][0] == "ws"
+    tag, args, kwargs = received[-1]
+    assert tag == "fia.out" and kwargs["out"] is bufs and kwargs["workspace"] == "workspace"
 
 
 def test_python_kernels_forward_lazily(active, monkeypatch):

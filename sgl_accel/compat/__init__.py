@@ -1,1 +1,51 @@
-"""The compatibility matrix (which sglang releases each patch applies to) and its scanner."""
+"""The compatibility matrix: which sglang releases each patch applies to.
+
+``matrix.json`` is produced by the scanner (``python -m sgl_accel.compat.scanner``,
+``make compat``) from the real release wheels; never edit it by hand. At run time
+it decides the tested-source policy: a target that passes the structural guard
+but whose fingerprint no scanned release had is left alone unless untested
+sources are allowed (``SGL_ACCEL_ALLOW_UNTESTED=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+MATRIX_PATH = Path(__file__).with_name("matrix.json")
+STATES = ("applies", "upstream", "not-applicable", "absent", "drifted")
+
+
+@functools.lru_cache(maxsize=1)
+def load_matrix() -> dict:
+    try:
+        return json.loads(MATRIX_PATH.read_text())
+    except FileNotFoundError:
+        return {"releases": [], "patches": [], "matrix": {}}
+
+
+def matrix_state(report) -> str:
+    """Fold a plan report (see _plan.plan_patch) into a matrix state."""
+    if report.state in ("applies", "upstream", "not-applicable"):
+        return report.state
+    targets = [t.state for t in report.targets]
+    if targets and all(state == "absent" for state in targets):
+        return "absent"
+    return "drifted"
+
+
+@functools.lru_cache(maxsize=None)
+def tested_fingerprints(target_key: str) -> frozenset:
+    """Fingerprints of ``module:qualname`` that passed the guard in some scanned release."""
+    seen = set()
+    for row in load_matrix().get("matrix", {}).values():
+        for entry in row.values():
+            target = entry.get("targets", {}).get(target_key)
+            if target and target.get("state") == "applies" and target.get("fingerprint"):
+                seen.add(target["fingerprint"])
+    return frozenset(seen)
+
+
+def is_tested(target_key: str, fingerprint: str) -> bool:
+    return fingerprint in tested_fingerprints(target_key)

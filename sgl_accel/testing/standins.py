@@ -9,15 +9,17 @@ arguments) but raise :class:`StandInNotImplemented` as soon as anything calls th
 A handful of kernels that the tested code paths call are wired to the reference
 implementations in ``sgl_accel.testing.kernels`` (imported lazily, at call time):
 
-* ``torch.ops.npu.npu_fused_infer_attention_score`` (also reachable as
-  ``torch_npu.npu_fused_infer_attention_score``; ``.out`` overload included),
-* ``torch.ops.npu.causal_conv1d_update`` (the AscendC op; ``conv_state`` is
-  declared mutable in the schema),
+* ``torch.ops.npu.npu_fused_infer_attention_score`` = ``torch_npu.npu_fused_infer_attention_score``
+  (with ``.out``) and ``torch_npu._npu_fused_infer_attention_score_get_max_workspace``
+  -> ``kernels.fia``; a Python-level object that passes arguments through untouched,
+* ``torch.ops.npu.causal_conv1d_update`` (the AscendC op) -> ``kernels.conv1d``; a real
+  ``torch.library`` op ``npu::causal_conv1d_update`` with a CPU kernel, ``conv_state``
+  declared mutable (``Tensor(a!)``) in the schema,
 * ``sgl_kernel_npu.mamba.causal_conv1d.causal_conv1d_update_v2``,
 * ``sgl_kernel_npu.norm.split_qkv_rmsnorm_rope.split_qkv_rmsnorm_rope``.
 
-The torch ops are real ``torch.library`` ops with CPU kernels, so they show up in
-dispatch (``TorchDispatchMode``, ``sgl_accel.testing.opcount``).
+The conv1d op shows up in dispatch (``TorchDispatchMode``, ``sgl_accel.testing.opcount``)
+as ``npu.causal_conv1d_update.default``; FIA does not (see ``_PythonOp``).
 
 What the stand-ins deliberately do NOT do: install ``torch.npu`` or register an
 "npu" device. sglang decides it runs on Ascend through
@@ -166,23 +168,46 @@ def _lazy_kernel(module: str, name: str, public: str):
     return call
 
 
-def _workspace_for_fia(query, *args, **kwargs):
-    # torch_npu sizes a scratch buffer for the .out overload. The CPU reference
-    # needs no scratch, so the faithful answer is an empty buffer; the .out
-    # kernel below ignores the workspace.
-    import torch
+class _PythonOp:
+    """A torch_npu op reached through Python, forwarding its arguments untouched.
 
-    return torch.empty(0, dtype=query.dtype, device=query.device)
+    FIA is not registered as a torch.library op on purpose: the op's schema would
+    turn numpy arrays and tensors given for ``SymInt[]`` lengths into int lists, and
+    the reference records the argument types callers pass (upstream review of
+    #26705: the NPU op wants Python int lists)."""
+
+    def __init__(self, public: str, module: str, name: str, **overloads: str):
+        self._call = _lazy_kernel(module, name, public)
+        self.default = self._call
+        for overload, target in overloads.items():
+            setattr(self, overload, _lazy_kernel(module, target, f"{public}.{overload}"))
+        self.__name__ = public.rsplit(".", 1)[-1]
+        self.__doc__ = self._call.__doc__
+        setattr(self, MARKER, True)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<sgl_accel stand-in op {self.__name__}>"
+
+
+_FIA = _PythonOp(
+    "torch_npu.npu_fused_infer_attention_score", "fia", "npu_fused_infer_attention_score",
+    out="npu_fused_infer_attention_score_out",
+)
+# Python-level attributes put on torch.ops.npu while active (name -> object).
+_TORCH_OPS_NPU = {"npu_fused_infer_attention_score": _FIA}
 
 
 def _module_attributes(fullname: str) -> dict:
     """Wired (non-placeholder) attributes of the stand-in module ``fullname``."""
     if fullname == "torch_npu":
-        import torch
-
         return {
-            "npu_fused_infer_attention_score": torch.ops.npu.npu_fused_infer_attention_score,
-            "_npu_fused_infer_attention_score_get_max_workspace": _workspace_for_fia,
+            "npu_fused_infer_attention_score": _FIA,
+            "_npu_fused_infer_attention_score_get_max_workspace": _lazy_kernel(
+                "fia", "get_max_workspace", "torch_npu._npu_fused_infer_attention_score_get_max_workspace"
+            ),
         }
     if fullname == "sgl_kernel_npu.mamba.causal_conv1d":
         return {
@@ -220,47 +245,6 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 # ---------------------------------------------------------------------------
 # torch.ops.npu: real torch.library ops with CPU kernels.
 
-_FIA_ARGS = (
-    # (schema text, python name, default) in the torch_npu documented order.
-    ("Tensor? pse_shift=None", "pse_shift", None),
-    ("Tensor? atten_mask=None", "atten_mask", None),
-    ("SymInt[]? actual_seq_lengths=None", "actual_seq_lengths", None),
-    ("SymInt[]? actual_seq_lengths_kv=None", "actual_seq_lengths_kv", None),
-    ("Tensor? dequant_scale1=None", "dequant_scale1", None),
-    ("Tensor? quant_scale1=None", "quant_scale1", None),
-    ("Tensor? dequant_scale2=None", "dequant_scale2", None),
-    ("Tensor? quant_scale2=None", "quant_scale2", None),
-    ("Tensor? quant_offset2=None", "quant_offset2", None),
-    ("Tensor? antiquant_scale=None", "antiquant_scale", None),
-    ("Tensor? antiquant_offset=None", "antiquant_offset", None),
-    ("Tensor? block_table=None", "block_table", None),
-    ("Tensor? query_padding_size=None", "query_padding_size", None),
-    ("Tensor? kv_padding_size=None", "kv_padding_size", None),
-    ("Tensor? key_antiquant_scale=None", "key_antiquant_scale", None),
-    ("Tensor? key_antiquant_offset=None", "key_antiquant_offset", None),
-    ("Tensor? value_antiquant_scale=None", "value_antiquant_scale", None),
-    ("Tensor? value_antiquant_offset=None", "value_antiquant_offset", None),
-    ("Tensor? key_shared_prefix=None", "key_shared_prefix", None),
-    ("Tensor? value_shared_prefix=None", "value_shared_prefix", None),
-    ("SymInt[]? actual_shared_prefix_len=None", "actual_shared_prefix_len", None),
-    ("Tensor? query_rope=None", "query_rope", None),
-    ("Tensor? key_rope=None", "key_rope", None),
-    ("Tensor? key_rope_antiquant_scale=None", "key_rope_antiquant_scale", None),
-    ("int num_heads=1", "num_heads", 1),
-    ("float scale=1.0", "scale", 1.0),
-    ("int pre_tokens=2147483647", "pre_tokens", 2147483647),
-    ("int next_tokens=2147483647", "next_tokens", 2147483647),
-    ('str input_layout="BSH"', "input_layout", "BSH"),
-    ("int num_key_value_heads=0", "num_key_value_heads", 0),
-    ("int sparse_mode=0", "sparse_mode", 0),
-    ("int inner_precise=0", "inner_precise", 0),
-    ("int block_size=0", "block_size", 0),
-    ("int antiquant_mode=0", "antiquant_mode", 0),
-    ("bool softmax_lse_flag=False", "softmax_lse_flag", False),
-    ("int key_antiquant_mode=0", "key_antiquant_mode", 0),
-    ("int value_antiquant_mode=0", "value_antiquant_mode", 0),
-)
-
 _CONV1D_SCHEMA = (
     "causal_conv1d_update(Tensor x, Tensor weight, Tensor(a!) conv_state, "
     "Tensor conv_state_indices, Tensor? bias=None, Tensor? num_accepted_tokens=None, "
@@ -268,64 +252,15 @@ _CONV1D_SCHEMA = (
 )
 
 
-def _fia_reference(query, key, value, kwargs):
-    import torch
-
-    from sgl_accel.testing.kernels import fia
-
-    # Forward only what the caller changed, so the reference's own defaults
-    # (the same documented ones) apply to the rest.
-    given = {}
-    for _, name, default in _FIA_ARGS:
-        value = kwargs.get(name, default)
-        if (value is not None) if default is None else (value != default):
-            given[name] = value
-    out, lse = fia.npu_fused_infer_attention_score(query, key, value, **given)
-    if lse is None:
-        # torch_npu returns a [1] zero tensor when softmax_lse_flag is False.
-        lse = torch.zeros(1, dtype=torch.float32, device=query.device)
-    return out, lse
-
-
 def _register_npu_ops():
     import torch
 
     lib = torch.library.Library("npu", "FRAGMENT")
-    args = ", ".join(text for text, _, _ in _FIA_ARGS)
-    lib.define(
-        f"npu_fused_infer_attention_score(Tensor query, Tensor key, Tensor value, *, {args}) -> (Tensor, Tensor)"
-    )
-    lib.define(
-        f"npu_fused_infer_attention_score.out(Tensor query, Tensor key, Tensor value, *, {args}, "
-        "Tensor? workspace=None, Tensor(a!)[] out) -> ()"
-    )
     lib.define(_CONV1D_SCHEMA)
-
-    def fia_kernel(query, key, value, **kwargs):
-        out, lse = _fia_reference(query, key, value, kwargs)
-        # A custom op's outputs must not alias its inputs.
-        if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in (query, key, value)):
-            out = out.clone()
-        return out, lse
-
-    def fia_out_kernel(query, key, value, *, workspace=None, out, **kwargs):
-        attn, lse = _fia_reference(query, key, value, kwargs)
-        out[0].copy_(attn)
-        if len(out) > 1:
-            # The .out caller preallocates lse; fill as much as the reference produced.
-            target = out[1]
-            if target.numel() == lse.numel():
-                target.copy_(lse.reshape(target.shape))
-            else:
-                raise RuntimeError(
-                    f"npu_fused_infer_attention_score.out: softmax_lse buffer {tuple(target.shape)} "
-                    f"does not match the reference's {tuple(lse.shape)}"
-                )
 
     def conv1d_kernel(x, weight, conv_state, conv_state_indices, bias=None, num_accepted_tokens=None,
                       query_start_loc=None, activation_mode=False, pad_slot_id=-1):
-        from sgl_accel.testing.kernels import conv1d
-
+        conv1d = importlib.import_module("sgl_accel.testing.kernels.conv1d")
         y = conv1d.causal_conv1d_update_ascendc(
             x, weight, conv_state, conv_state_indices, bias=bias,
             num_accepted_tokens=num_accepted_tokens, query_start_loc=query_start_loc,
@@ -335,8 +270,6 @@ def _register_npu_ops():
             y = y.clone()
         return y
 
-    lib.impl("npu_fused_infer_attention_score", fia_kernel, "CPU")
-    lib.impl("npu_fused_infer_attention_score.out", fia_out_kernel, "CPU")
     lib.impl("causal_conv1d_update", conv1d_kernel, "CPU")
     # Shape-only kernel so the op also traces (torch.compile / fake tensors).
     lib.impl("causal_conv1d_update", lambda x, *a, **k: torch.empty_like(x), "Meta")
@@ -383,6 +316,8 @@ def activate() -> None:
 
         if _library is None:
             _library = _register_npu_ops()
+        for name, value in _TORCH_OPS_NPU.items():
+            setattr(torch.ops.npu, name, value)
         finder = _StandInFinder()
         sys.meta_path.insert(0, finder)
         _finder = finder
@@ -393,9 +328,9 @@ def is_active() -> bool:
 
 
 def deactivate() -> None:
-    """Remove the finder and the stand-in modules from sys.modules (best effort:
-    modules that already imported a stand-in keep their references). The torch
-    ops stay registered: torch cannot forget an op name that callers may hold."""
+    """Remove the finder, the stand-in modules in sys.modules and the Python-level
+    torch.ops.npu attributes (best effort: modules that already imported a stand-in
+    keep their references). The torch.library op stays registered."""
     global _finder
     with _lock:
         if _finder is None:
@@ -403,6 +338,11 @@ def deactivate() -> None:
         if _finder in sys.meta_path:
             sys.meta_path.remove(_finder)
         _finder = None
+        import torch
+
+        for name in _TORCH_OPS_NPU:
+            if getattr(torch.ops.npu, name, None) is _TORCH_OPS_NPU[name]:
+                delattr(torch.ops.npu, name)
         for name in [n for n, m in sys.modules.items() if n.partition(".")[0] in ROOTS]:
             if getattr(sys.modules[name], MARKER, False):
                 del sys.modules[name]

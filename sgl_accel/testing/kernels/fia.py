@@ -702,7 +702,7 @@ def _allowed(plan: _Plan, b: int, sq: int, skv: int, device) -> torch.Tensor | N
         if plan.band:
             # Window between pre_tokens and next_tokens, origin top-left [DOC: FA-doc's
             # golden for mode 0; FIA-doc only describes it in words].
-            ok = ok & (j - i <= plan.next_tokens) & (i - j <= plan.pre_tokens)
+            ok = ok & (j - i - (skv - sq) <= plan.next_tokens) & (i + (skv - sq) - j <= plan.pre_tokens)
         return ok
     if plan.mask_kind == "causal_tl":  # mode 2: diagonal through the top-left corner [DOC]
         return j <= i
@@ -743,7 +743,7 @@ def _run(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
             # MLA: scores = q.k + q_rope.k_rope; value (= key for absorbed MLA) gives Dv [DOC].
             qrb = _q_of(plan, plan.q_rope, b).to(f32)
             krb = _kv_of(plan, plan.k_rope, b).to(f32)[:, kv_head]
-            scores = scores
+            scores = scores + torch.einsum("qhd,khd->hqk", qrb, krb)
         scores = scores * plan.scale  # scale multiplies q.k before the softmax [DOC]
         ok = _allowed(plan, b, sq, skv, device)
         if ok is not None:
