@@ -309,12 +309,28 @@ def _try_apply(name: str) -> None:
         return
     try:
         state.report = _evaluate_and_apply(patch, state)
+        if state.swaps and os.environ.get("SGL_ACCEL_VERIFY", "").strip() == "1":
+            _verify_applied(name, state)
     except Exception as exc:  # a bug in a patch or in sgl-accel must not stop sglang
         if state.swaps:
             _restore(state.swaps)
             state.swaps = []
         logger.warning("sgl-accel: %s failed and was rolled back: %s: %s", name, type(exc).__name__, exc)
         state.report = _patch_report(name, "failed", f"{type(exc).__name__}: {exc}; every target restored")
+
+
+def _verify_applied(name: str, state: _State) -> None:
+    """SGL_ACCEL_VERIFY=1: run the patch's equivalence cases now; roll back on failure."""
+    from ._verify import run_cases
+
+    result = run_cases(name)
+    if result.outcome == "fail":
+        _restore(state.swaps)
+        state.swaps = []
+        state.report = _patch_report(name, "failed", f"verification failed ({result.reason}); every target restored")
+        logger.warning("sgl-accel: %s failed verification and was rolled back: %s", name, result.reason)
+    else:
+        state.report.reason += f"; verified: {result.reason}"
 
 
 def _evaluate_and_apply(patch: Patch, state: _State) -> PatchReport:

@@ -98,6 +98,7 @@ class Patch:
 
 
 _extra: dict[str, Patch] = {}
+_module_of: dict[str, str] = {}
 _cache: Optional[dict[str, Patch]] = None
 
 
@@ -110,6 +111,7 @@ def all_patches() -> dict[str, Patch]:
             module = importlib.import_module(f"sgl_accel.patches.{module_name}")
             patch = module.PATCH
             found[patch.name] = patch
+            _module_of[patch.name] = module_name
         _cache = found
     return {**_cache, **_extra}
 
@@ -141,3 +143,10 @@ def resolve_names(names) -> list[str]:
             f"unknown sgl-accel patch name(s): {', '.join(unknown)}; valid names: {', '.join(known)}"
         )
     return list(dict.fromkeys(names))
+
+
+def cases_module(name: str) -> str | None:
+    """The module of equivalence cases of a shipped patch (sgl_accel.cases.<module>)."""
+    all_patches()
+    module = _module_of.get(name)
+    return f"sgl_accel.cases.{module}" if module else None

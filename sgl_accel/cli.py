@@ -100,6 +100,22 @@ def cmd_pin(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from ._registry import resolve_names
+    from ._verify import verify
+
+    results = verify(resolve_names(args.patches or None), emulate=args.emulate)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            print(f"{r.patch:24} {r.outcome:8} max deviation {r.max_deviation:.3g}  {r.reason}")
+            for case in r.cases:
+                if not case["passed"]:
+                    print(f"    {case['name']}: " + "; ".join(case["details"]))
+    return 1 if any(r.outcome == "fail" for r in results) else 0
+
+
 def cmd_diff(args) -> int:
     from ._detect import sglang_install
     from ._plan import diff_patch
@@ -143,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("requirement", "constraints"), default="requirement")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_pin)
+
+    p = sub.add_parser("verify", help="run each applicable patch's equivalence cases on this machine")
+    p.add_argument("patches", nargs="*", help="patch names (default: all)")
+    p.add_argument("--emulate", action="store_true", help="on CPU with the test-bed reference kernels (forced gates)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("list", help="the patches sgl-accel ships")
     p.add_argument("--json", action="store_true")
