@@ -10,7 +10,6 @@ working). ``revert()`` puts back the very objects that were there.
 
 from __future__ import annotations
 
-import inspect
 import linecache
 import logging
 import os
@@ -230,6 +229,8 @@ class _Live:
 
 def _resolve_live(target: Target):
     """(live, None) or (None, reason)."""
+    import inspect
+
     module = sys.modules.get(target.module)
     if module is None:
         return None, f"{target.module} is not imported"
@@ -261,6 +262,8 @@ def _closure_of(function) -> dict:
 
 
 def _code_signature(code) -> tuple:
+    import inspect
+
     consts = tuple(_code_signature(c) if inspect.iscode(c) else repr(c) for c in code.co_consts)
     return (code.co_code, code.co_names, code.co_varnames, code.co_freevars, consts)
 
@@ -412,6 +415,8 @@ def _untested(part, verdicts) -> Optional[str]:
 
 
 def _build(live: _Live, verdict: Verdict, helpers: dict, name: str):
+    import inspect
+
     closure = _closure_of(live.function)
     clash = set(closure) & set(helpers)
     if clash:

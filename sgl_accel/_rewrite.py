@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -93,6 +92,8 @@ def normalized_dump(node: ast.AST) -> str:
 
 def fingerprint(node: ast.AST) -> str:
     """A short hash of a function's structure: positions, comments and formatting excluded."""
+    import hashlib
+
     return hashlib.sha256(normalized_dump(node).encode()).hexdigest()[:16]
 
 

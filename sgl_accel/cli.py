@@ -116,6 +116,22 @@ def cmd_verify(args) -> int:
     return 1 if any(r.outcome == "fail" for r in results) else 0
 
 
+def cmd_bench(args) -> int:
+    from . import _bench
+    from ._registry import resolve_names
+
+    if args.emulate:
+        from .testing import standins
+
+        standins.activate()
+    names = resolve_names(args.patches or None)
+    result = _bench.main_report(names, args.device, args.quick, loader=not args.no_loader)
+    if args.apply_cost:
+        result["apply"] = _bench.apply_cost(runs=3 if args.quick else 5)
+    print(json.dumps(result, indent=2) if args.json else _bench.render(result))
+    return 0
+
+
 def cmd_diff(args) -> int:
     from ._detect import sglang_install
     from ._plan import diff_patch
@@ -165,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulate", action="store_true", help="on CPU with the test-bed reference kernels (forced gates)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bench", help="original vs patched latency and ops per patch, and the loader's own costs")
+    p.add_argument("patches", nargs="*", help="patch names (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--emulate", action="store_true", help="use the test-bed kernels (CPU, or CUDA with ROCm flags emulated)")
+    p.add_argument("--quick", action="store_true", help="fewer rounds")
+    p.add_argument("--no-loader", action="store_true", help="skip the loader's own costs")
+    p.add_argument("--apply-cost", action="store_true", help="also time apply() of every patch with its targets imported")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("list", help="the patches sgl-accel ships")
     p.add_argument("--json", action="store_true")

@@ -202,7 +202,7 @@ class Scenario:
     cp_size: int
     num_heads: int = 4
     num_kv_heads: int = 2
-    head_dim: int = 32
+    head_dim: int = 128
     page_size: int = 128
     form: str = "per-sequence"
     dtype: str = "float32"
@@ -241,7 +241,15 @@ def _module(name: str):
     return importlib.import_module(name)
 
 
-def make_backend(page_size: int, req_to_token):
+def default_device() -> str:
+    """The NPU when one is present (``sgl-accel verify``), else CPU with the test-bed kernels."""
+    import torch
+
+    npu = getattr(torch, "npu", None)
+    return "npu" if npu is not None and npu.is_available() else "cpu"
+
+
+def make_backend(page_size: int, req_to_token, device: str = "cpu"):
     """A real ``AscendAttnBackend`` instance with only what the CP path reads.
 
     ``__init__`` needs an NPU (it allocates on ``device="npu"``) and a full
@@ -253,7 +261,7 @@ def make_backend(page_size: int, req_to_token):
     cls = backend_mod.AscendAttnBackend
     backend = object.__new__(cls)
     backend.page_size = page_size
-    backend.device = "cpu"
+    backend.device = device
     backend.forward_metadata = None
     backend.graph_mode = False
     backend.use_mla = False
@@ -263,7 +271,7 @@ def make_backend(page_size: int, req_to_token):
     backend.speculative_step_id = 0
     backend.req_to_token_pool = types.SimpleNamespace(req_to_token=req_to_token)
     backend.token_to_kv_pool = None
-    backend.fia_mask = backend_mod.AscendAttnMaskBuilder.generate_mask_flag(2048)
+    backend.fia_mask = backend_mod.AscendAttnMaskBuilder.generate_mask_flag(2048).to(device)
     return backend
 
 
@@ -273,12 +281,17 @@ def _dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def build(scenario: Scenario) -> Built:
-    """Inputs for every CP rank of ``scenario``, the paged cache, and the oracle."""
+def build(scenario: Scenario, device: Optional[str] = None) -> Built:
+    """Inputs for every CP rank of ``scenario``, the paged cache, and the oracle.
+
+    Data is drawn on CPU from the scenario's seed and moved to ``device``; the
+    oracle is computed on CPU in float64.
+    """
     import torch
     import torch.nn.functional as F
 
     sc = scenario
+    device = device or default_device()
     if sc.num_heads % sc.num_kv_heads:
         raise ValueError("num_heads must be a multiple of num_kv_heads")
     gen = torch.Generator().manual_seed(sc.seed)
@@ -328,18 +341,18 @@ def build(scenario: Scenario) -> Built:
     ext_out = torch.cat([o[p:] for o, p in zip(full, sc.prefix_lens)])
     ext_q = torch.cat([q[p:] for q, p in zip(qs, sc.prefix_lens)])
 
-    backend = make_backend(page, req_to_token)
+    backend = make_backend(page, req_to_token.to(device), device)
     forward_mode = _module("sglang.srt.model_executor.forward_batch_info").ForwardMode.EXTEND
     seq_lens = torch.tensor(totals, dtype=torch.int64)
     batch_fields = dict(
         forward_mode=forward_mode,
-        seq_lens=seq_lens,
-        seq_lens_cpu=seq_lens.clone(),
-        req_pool_indices=req_pool_indices,
-        req_to_token_pool=types.SimpleNamespace(req_to_token=req_to_token),
-        extend_seq_lens=torch.tensor(list(sc.extend_lens), dtype=torch.int32),
+        seq_lens=seq_lens.to(device),
+        seq_lens_cpu=seq_lens,
+        req_pool_indices=req_pool_indices.to(device),
+        req_to_token_pool=backend.req_to_token_pool,
+        extend_seq_lens=torch.tensor(list(sc.extend_lens), dtype=torch.int32, device=device),
         extend_seq_lens_cpu=[int(n) for n in sc.extend_lens],
-        extend_prefix_lens=torch.tensor(list(sc.prefix_lens), dtype=torch.int32),
+        extend_prefix_lens=torch.tensor(list(sc.prefix_lens), dtype=torch.int32, device=device),
         extend_prefix_lens_cpu=[int(n) for n in sc.prefix_lens],
         spec_info=None,
         out_cache_loc=None,
@@ -347,11 +360,11 @@ def build(scenario: Scenario) -> Built:
     # The backend's own per-batch metadata (block tables) from the full sequences.
     backend.init_forward_metadata(types.SimpleNamespace(**batch_fields, attn_cp_metadata=None))
 
-    built = Built(sc, backend, layer, k_cache, v_cache)
+    built = Built(sc, backend, layer, k_cache.to(device), v_cache.to(device))
     for rank in range(sc.cp_size):
         meta = build_cp_metadata(sc.extend_lens, sc.prefix_lens, rank, sc.cp_size, sc.form)
         idx = local_token_index(meta)
-        q_local = ext_q[idx].reshape(len(idx), hq * d).contiguous()
+        q_local = ext_q[idx].reshape(len(idx), hq * d).contiguous().to(device)
         expected = ext_out[idx].reshape(len(idx), hq * d)
         fb = types.SimpleNamespace(**batch_fields, attn_cp_metadata=meta)
         built.ranks.append(RankRun(rank, meta, q_local, fb, expected, idx))
@@ -378,17 +391,22 @@ def current_and_original():
     return current, original
 
 
-def run_scenario(scenario: Scenario) -> list[Comparison]:
+def run_scenario(scenario: Scenario, device: Optional[str] = None) -> list[Comparison]:
     """Patched vs. oracle for every rank; for scalar metadata also patched vs. original (exact)."""
+    import dataclasses
+
     import torch
 
     patched, original = current_and_original()
-    built = build(scenario)
+    device = device or default_device()
+    if device != "cpu" and scenario.dtype == "float32":
+        scenario = dataclasses.replace(scenario, dtype="bfloat16")  # the real op takes fp16/bf16 only
+    built = build(scenario, device)
     tol = tolerance_for(_dtype(scenario.dtype))
     results = []
     for rank in built.ranks:
         out = run_rank(patched, built, rank)
-        results.append(compare(f"rank {rank.rank} output vs causal SDPA", out, rank.expected.to(out.dtype), tol))
+        results.append(compare(f"rank {rank.rank} output vs causal SDPA", out, rank.expected, tol))
         if scenario.form == "scalar":
             ref = run_rank(original, built, rank)
             results.append(compare(f"rank {rank.rank} output vs original", out, ref, exact=True))

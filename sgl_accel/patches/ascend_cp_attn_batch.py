@@ -82,45 +82,28 @@ def _helpers():
     return {"_sgl_accel_cp_lengths": _sgl_accel_cp_lengths}
 
 
-def _metadata_field_names(cls) -> set:
-    import dataclasses
+def _gate(reader):
+    """Apply only where the metadata is per-sequence and the backend still reads scalars.
 
-    if dataclasses.is_dataclass(cls):
-        return {f.name for f in dataclasses.fields(cls)}
-    names = set()
-    for klass in getattr(cls, "__mro__", (cls,)):
-        names.update(getattr(klass, "__annotations__", {}))
-    return names
+    ``reader`` is the release's source (``_guard.SourceReader``): the same answer
+    for ``apply()`` and for the scanner, which imports nothing.
+    """
+    import ast
 
-
-def _gate(context):
-    """Apply only where the metadata is per-sequence and the backend still reads scalars."""
-    import importlib
-
-    modules = context.get("modules") or {}
-    cp_utils = modules.get(_CP_UTILS_MODULE)
-    if cp_utils is None:
-        try:
-            cp_utils = importlib.import_module(_CP_UTILS_MODULE)
-        except Exception as exc:  # sglang's import chain failing is not ours to raise
-            return f"cannot import {_CP_UTILS_MODULE} ({type(exc).__name__}: {exc})"
-    cls = getattr(cp_utils, "ContextParallelMetadata", None)
-    if cls is None:
+    fields = reader.class_fields(_CP_UTILS_MODULE, "ContextParallelMetadata")
+    if fields is None:
         return f"{_CP_UTILS_MODULE} has no ContextParallelMetadata"
-    fields = _metadata_field_names(cls)
     missing = [name for name in PER_SEQUENCE_FIELDS if name not in fields]
     if missing:
+        scalars = ", ".join(n for n in SCALAR_FIELDS if n in fields) or "none"
         return (
-            "ContextParallelMetadata has the scalar batch-1 fields "
-            f"({', '.join(n for n in SCALAR_FIELDS if n in fields) or 'none'}), not the per-sequence ones "
-            f"({', '.join(missing)}; upstream #23269): can_cp_split keeps CP prefill at batch 1 there, "
-            "where the installed do_cp_attn_fia is correct"
+            f"ContextParallelMetadata has the scalar batch-1 fields ({scalars}), not the per-sequence "
+            f"ones ({', '.join(missing)}; upstream #23269): can_cp_split keeps CP prefill at batch 1 "
+            "there, where the installed do_cp_attn_fia is correct"
         )
-    backend = modules.get(_BACKEND_MODULE)
-    owner = getattr(backend, "AscendAttnBackend", None)
-    func = getattr(owner, "__dict__", {}).get("do_cp_attn_fia")
-    code = getattr(func, "__code__", None)
-    if code is None or not set(SCALAR_FIELDS) & set(code.co_names):
+    func = reader.find(_BACKEND_MODULE, "AscendAttnBackend.do_cp_attn_fia")
+    read = {n.attr for n in ast.walk(func) if isinstance(n, ast.Attribute)} if func is not None else set()
+    if not read & set(SCALAR_FIELDS):
         return "AscendAttnBackend.do_cp_attn_fia does not read the scalar metadata fields"
     return None
 
@@ -136,6 +119,7 @@ PATCH = Patch(
     hardware=("ascend",),
     releases=">=0.5.11",
     gate=_gate,
+    gate_modules=(_CP_UTILS_MODULE,),
     parts=[
         Part(
             "cp-attn-fia",

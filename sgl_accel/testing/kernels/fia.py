@@ -702,14 +702,14 @@ def _allowed(plan: _Plan, b: int, sq: int, skv: int, device) -> torch.Tensor | N
         if plan.band:
             # Window between pre_tokens and next_tokens, origin top-left [DOC: FA-doc's
             # golden for mode 0; FIA-doc only describes it in words].
-            ok = ok & (j - i - (skv - sq) <= plan.next_tokens) & (i + (skv - sq) - j <= plan.pre_tokens)
+            ok = ok & (j - i <= plan.next_tokens) & (i - j <= plan.pre_tokens)
         return ok
     if plan.mask_kind == "causal_tl":  # mode 2: diagonal through the top-left corner [DOC]
         return j <= i
     diag = i + (skv - sq)  # modes 3/4: diagonal through the bottom-right corner [DOC]
     if plan.mask_kind == "causal_br":
         return j <= diag
-    return (j >= diag - plan.pre_tokens) & (j <= diag + plan.next_tokens)  # mode 4 [DOC]
+    return (j >= diag - plan.next_tokens) & (j <= diag + plan.pre_tokens)  # mode 4 [DOC]
 
 
 def _run(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
