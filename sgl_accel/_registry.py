@@ -20,6 +20,8 @@ PATCH_KINDS = ("perf", "fix", "feature")
 PATCH_MODULES: tuple[str, ...] = (
     "ascend_gdn_conv1d_v2",
     "ascend_dflash",
+    "nsa_indexer_fusion",
+    "nsa_decode_cat_skip",
     "ascend_cp_attn_batch",
 )
 

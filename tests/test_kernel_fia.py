@@ -303,6 +303,31 @@ def test_bs_layouts_and_elementwise_masks(layout, batch, s, extra_kv, nkv, ratio
         torch.testing.assert_close(lse[b, :, : q_lens[b], 0].transpose(0, 1), ref_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_layouts_agree_with_oracle(paged):
+    """BSH, BNSD and BSND carry the same numbers in different arrangements (S, N > 1)."""
+    gen = torch.Generator().manual_seed(21)
+    b, s, nq, nkv, d, skv = 2, 5, 4, 2, 64, 11
+    q4 = torch.randn(b, s, nq, d, generator=gen)
+    k4 = torch.randn(b, skv, nkv, d, generator=gen)
+    v4 = torch.randn(b, skv, nkv, d, generator=gen)
+    kw = dict(num_heads=nq, num_key_value_heads=nkv, scale=0.125, atten_mask=TEMPLATE, sparse_mode=3,
+              actual_seq_lengths_kv=[skv, 7])
+    for layout in ("BSH", "BNSD", "BSND"):
+        if paged:
+            (key, value), table = page([list(k4), list(v4)], 16, "3d", gen)
+            extra = dict(block_table=table, block_size=16)
+        else:
+            key, value, extra = to_layout(k4, layout), to_layout(v4, layout), {}
+        out, lse = FIA(to_layout(q4, layout), key, value, input_layout=layout, softmax_lse_flag=True, **kw, **extra)
+        assert out.shape == to_layout(q4, layout).shape and lse.shape == (b, nq, s, 1)
+        out = from_layout(out, layout, nq)
+        for i, n in enumerate([skv, 7]):
+            ref, ref_lse = oracle(q4[i], k4[i, :n], v4[i, :n], 0.125, bottom_right_causal(s, n))
+            torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(lse[i, :, :, 0].transpose(0, 1), ref_lse, atol=1e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------ sparse modes 2 and 4
 
 
@@ -523,55 +548,65 @@ def _bad_cases():
     pool = torch.randn(6, 16, 2 * 64)
     table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
     paged = dict(bsnd, block_table=table, block_size=16, actual_seq_lengths_kv=[20, 5])
-    tri = ~TEMPLATE  # wrong polarity
+    bq3 = (torch.randn(3, 3, 4, 64), torch.randn(3, 6, 2, 64), torch.randn(3, 6, 2, 64))
+    pool4 = torch.randn(6, 2, 16, 64)
+    mla_q, mla_k = torch.randn(5, 4, 128), torch.randn(8, 2, 128)
+    small_mask = torch.zeros(3, 5, dtype=torch.bool)
     return [
-        ("TND without actual_seq_lengths", ValueError, (q, k, k), {**tnd, "actual_seq_lengths": None}),
-        ("TND without actual_seq_lengths_kv", ValueError, (q, k, k), {**tnd, "actual_seq_lengths_kv": None}),
-        ("non-monotonic cumulative", ValueError, (q, k, k), {**tnd, "actual_seq_lengths": [3, 2]}),
-        ("cumulative does not cover T", ValueError, (q, k, k), {**tnd, "actual_seq_lengths": [2, 4]}),
-        ("negative length", ValueError, (q, k, k), {**tnd, "actual_seq_lengths": [-1, 5]}),
-        ("q/kv batch differ", ValueError, (q, k, k), {**tnd, "actual_seq_lengths_kv": [8]}),
-        ("GQA ratio not integral", ValueError, (torch.randn(5, 6, 64), torch.randn(8, 4, 64), torch.randn(8, 4, 64)),
+        # (id, exception, message fragment, args, kwargs)
+        ("TND without q lengths", ValueError, "requires actual_seq_lengths", (q, k, k), {**tnd, "actual_seq_lengths": None}),
+        ("TND without kv lengths", ValueError, "requires actual_seq_lengths_kv", (q, k, k),
+         {**tnd, "actual_seq_lengths_kv": None}),
+        ("non-monotonic cumulative", ValueError, "non-decreasing", (q, k, k), {**tnd, "actual_seq_lengths": [3, 2]}),
+        ("cumulative does not cover T", ValueError, "number of tokens", (q, k, k), {**tnd, "actual_seq_lengths": [2, 4]}),
+        ("negative length", ValueError, "negative", (q, k, k), {**tnd, "actual_seq_lengths": [-1, 5]}),
+        ("q/kv batch differ", ValueError, "one per batch", (q, k, k), {**tnd, "actual_seq_lengths_kv": [8]}),
+        ("GQA ratio not integral", ValueError, "not a multiple", (torch.randn(5, 6, 64), torch.randn(8, 4, 64),
+                                                                  torch.randn(8, 4, 64)),
          {**tnd, "num_heads": 6, "num_key_value_heads": 4}),
-        ("num_heads != query N", ValueError, (q, k, k), {**tnd, "num_heads": 8}),
-        ("kv heads != key N", ValueError, (q, k, k), {**tnd, "num_key_value_heads": 1}),
-        ("head dims differ", ValueError, (q, torch.randn(8, 2, 32), torch.randn(8, 2, 32)), tnd),
-        ("dtype mismatch", ValueError, (q, k.bfloat16(), k.bfloat16()), tnd),
-        ("float lengths", TypeError, (q, k, k), {**tnd, "actual_seq_lengths": [2.0, 5.0]}),
-        ("sparse 3 without mask", ValueError, (q, k, k), {**tnd, "sparse_mode": 3}),
-        ("sparse 3 small mask", ValueError, (q, k, k), {**tnd, "sparse_mode": 3, "atten_mask": TEMPLATE[:1024, :1024]}),
-        ("sparse 3 wrong template", ValueError, (q, k, k), {**tnd, "sparse_mode": 3, "atten_mask": tri}),
-        ("sparse 3 float mask", ValueError, (q, k, k), {**tnd, "sparse_mode": 3, "atten_mask": TEMPLATE.float()}),
-        ("sparse 5", ValueError, (q, k, k), {**tnd, "sparse_mode": 5}),
-        ("TND element-wise mask", ValueError, (q, k, k), {**tnd, "atten_mask": torch.zeros(5, 8, dtype=torch.bool)}),
-        ("query_rope alone", ValueError, (q, k, k), {**tnd, "query_rope": torch.randn(5, 4, 64)}),
-        ("rope dim not 64", ValueError, (torch.randn(5, 4, 128), torch.randn(8, 2, 128), torch.randn(8, 2, 128)),
+        ("num_heads != query N", ValueError, "num_heads=8", (q, k, k), {**tnd, "num_heads": 8}),
+        ("kv heads != key N", ValueError, "num_key_value_heads=1", (q, k, k), {**tnd, "num_key_value_heads": 1}),
+        ("head dims differ", ValueError, "key D=32", (q, torch.randn(8, 2, 32), torch.randn(8, 2, 32)), tnd),
+        ("dtype mismatch", ValueError, "must equal query dtype", (q, k.bfloat16(), k.bfloat16()), tnd),
+        ("float lengths", TypeError, "not an integer", (q, k, k), {**tnd, "actual_seq_lengths": [2.0, 5.0]}),
+        ("sparse 3 without mask", ValueError, "requires atten_mask", (q, k, k), {**tnd, "sparse_mode": 3}),
+        ("sparse 3 small mask", ValueError, "template", (q, k, k),
+         {**tnd, "sparse_mode": 3, "atten_mask": TEMPLATE[:1024, :1024]}),
+        ("sparse 3 wrong template", ValueError, "not the lower-triangular", (q, k, k),
+         {**tnd, "sparse_mode": 3, "atten_mask": ~TEMPLATE}),
+        ("sparse 3 float mask", ValueError, "bool/int8/uint8", (q, k, k),
+         {**tnd, "sparse_mode": 3, "atten_mask": TEMPLATE.float()}),
+        ("sparse 5", ValueError, "not supported", (q, k, k), {**tnd, "sparse_mode": 5, "atten_mask": TEMPLATE}),
+        ("TND element-wise mask", ValueError, "element-wise", (q, k, k),
+         {**tnd, "atten_mask": torch.zeros(5, 8, dtype=torch.bool)}),
+        ("query_rope alone", ValueError, "together", (q, k, k), {**tnd, "query_rope": torch.randn(5, 4, 64)}),
+        ("rope dim not 64", ValueError, "must be 64", (mla_q, mla_k, mla_k),
          {**tnd, "query_rope": torch.randn(5, 4, 32), "key_rope": torch.randn(8, 2, 32)}),
-        ("unknown layout", ValueError, (q, k, k), {**tnd, "input_layout": "SBH"}),
-        ("unknown kwarg", TypeError, (q, k, k), {**tnd, "bogus": 1}),
-        ("pse_shift", NotImplementedError, (q, k, k), {**tnd, "pse_shift": torch.zeros(1)}),
-        ("BSND lengths 2 for batch 3", ValueError, (torch.randn(3, 3, 4, 64), torch.randn(3, 6, 2, 64),
-                                                      torch.randn(3, 6, 2, 64)), {**bsnd, "actual_seq_lengths": [1, 2]}),
-        ("BSND length > S", ValueError, (qb, kb, kb), {**bsnd, "actual_seq_lengths": [4]}),
-        ("BSND kv length > Skv", ValueError, (qb, kb, kb), {**bsnd, "actual_seq_lengths_kv": [7, 1]}),
-        ("key batch differs", ValueError, (qb, kb[:1], kb[:1]), bsnd),
-        ("paged without kv lengths", ValueError, (qb, pool, pool), {**paged, "actual_seq_lengths_kv": None}),
-        ("paged kv length > capacity", ValueError, (qb, pool, pool), {**paged, "actual_seq_lengths_kv": [33, 5]}),
-        ("block_table int64", ValueError, (qb, pool, pool), {**paged, "block_table": table.long()}),
-        ("block id outside pool", ValueError, (qb, pool, pool), {**paged, "block_table": table + 5}),
-        ("too few table rows", ValueError, (qb, pool, pool), {**paged, "block_table": table[:1]}),
-        ("block_size != pool", ValueError, (qb, pool, pool), {**paged, "block_size": 32}),
-        ("4-D pool with BSND", ValueError, (qb, torch.randn(6, 2, 16, 64), torch.randn(6, 2, 16, 64)), paged),
-        ("Q_S=1 with template and sparse 3", NotImplementedError, (qb[:, :1], kb, kb),
+        ("unknown layout", ValueError, "unknown input_layout", (q, k, k), {**tnd, "input_layout": "SBH"}),
+        ("unknown kwarg", TypeError, "bogus", (q, k, k), {**tnd, "bogus": 1}),
+        ("pse_shift", NotImplementedError, "pse_shift", (q, k, k), {**tnd, "pse_shift": torch.zeros(1)}),
+        ("BSND lengths 2 for batch 3", ValueError, "must be 1 or >= batch", bq3, {**bsnd, "actual_seq_lengths": [1, 2]}),
+        ("BSND length > S", ValueError, "outside", (qb, kb, kb), {**bsnd, "actual_seq_lengths": [4]}),
+        ("BSND kv length > Skv", ValueError, "outside", (qb, kb, kb), {**bsnd, "actual_seq_lengths_kv": [7, 1]}),
+        ("key batch differs", ValueError, "key batch", (qb, kb[:1], kb[:1]), bsnd),
+        ("paged without kv lengths", ValueError, "requires actual_seq_lengths_kv", (qb, pool, pool),
+         {**paged, "actual_seq_lengths_kv": None}),
+        ("paged kv length > capacity", ValueError, "outside", (qb, pool, pool), {**paged, "actual_seq_lengths_kv": [33, 5]}),
+        ("block_table int64", ValueError, "int32", (qb, pool, pool), {**paged, "block_table": table.long()}),
+        ("block id outside pool", ValueError, "outside the pool", (qb, pool, pool), {**paged, "block_table": table + 5}),
+        ("too few table rows", ValueError, "rows for batch", (qb, pool, pool), {**paged, "block_table": table[:1]}),
+        ("block_size != pool", ValueError, "block_size", (qb, pool, pool), {**paged, "block_size": 32}),
+        ("4-D pool with BSND", ValueError, "must be \\(blocknum, blocksize, H\\)", (qb, pool4, pool4), paged),
+        ("Q_S=1 with template and sparse 3", NotImplementedError, "ambiguous", (qb[:, :1], kb, kb),
          {**bsnd, "atten_mask": TEMPLATE, "sparse_mode": 3}),
-        ("mask smaller than Q_S x KV_S", ValueError, (qb, kb, kb), {**bsnd, "atten_mask": torch.zeros(3, 5, dtype=torch.bool)}),
+        ("mask smaller than Q_S x KV_S", ValueError, "smaller than", (qb, kb, kb), {**bsnd, "atten_mask": small_mask}),
     ]
 
 
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
 def test_wrong_inputs_raise(case):
-    _, exc, args, kwargs = case
-    with pytest.raises(exc):
+    _, exc, match, args, kwargs = case
+    with pytest.raises(exc, match=match):
         FIA(*args, **kwargs)
 
 

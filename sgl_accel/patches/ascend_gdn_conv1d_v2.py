@@ -7,10 +7,12 @@ What: ``AscendGDNAttnBackend.forward_extend``, target-verify branch, calls the A
 becomes ``cat(line, drafts)[-state_len:]``).
 
 Why: upstream measured the verify-step conv update at ~300 us -> ~140 us (Qwen3.5-397B)
-and ~550 us -> ~200 us (Qwen3-Next). It is also more correct: for width 4 the AscendC
-op matches the mathematics only for 3 or 4 draft tokens (its host pre-shift corrupts
-the history for 1-2 drafts and leaves stale slots for 5+, which ``conv_state_rollback``
-later reads), and a pad entry shifts the x rows read by later items on the same core.
+and ~550 us -> ~200 us (Qwen3-Next). It is also more correct, going by the sources of the
+AscendC op (npu-ops.md 2.2; reproduced by the test-bed model, not on an NPU): for width 4
+it matches the mathematics only for 3 or 4 draft tokens (its host pre-shift corrupts the
+history for 1-2 drafts and leaves stale slots for 5+, which ``conv_state_rollback`` later
+reads), it pre-shifts the dummy line 0 when a pad entry is present, and a pad entry
+shifts the x rows read by later items on the same core.
 
 Where it differs from upstream's form (0.5.12.post1):
 * ``conv_states`` is passed as it is. The v2 kernel addresses the state through its

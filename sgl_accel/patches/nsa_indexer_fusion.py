@@ -12,15 +12,19 @@ What it changes, in ``sglang.srt.layers.attention.nsa.nsa_indexer.Indexer``:
   kernel plus a copy kernel per tensor, even when the RoPE kernel already
   rotated ``query`` in place and hands back the very view it was given. Each
   write-back becomes ``_sgl_accel_write_back(dst, src)``: nothing when ``src`` is
-  ``dst`` viewed the same way, otherwise one ``copy_``; never a clone.
+  ``dst`` viewed the same way (in-place RoPE), otherwise one ``copy_``.
 
 Better than upstream: upstream skips the copy when ``src.data_ptr() ==
 dst.data_ptr()``, which also skips a view that starts at the same address but
 has other sizes or strides (its elements are not the destination's). Here the
-skip needs the same storage, storage offset, sizes, strides and dtype. While
-torch.compile traces, storage identity is not observable, so the helper always
-copies there (a copy of a view onto itself is a no-op); upstream added the same
-``is_compiling()`` guard only in 0.5.13.
+skip needs the same storage, storage offset, sizes, strides and dtype. A source
+that shares the destination's memory without being that view (no RoPE path of
+the releases produces one) still gets the snapshot the original's ``.clone()``
+gave it, since ``copy_`` between overlapping views reads elements it already
+overwrote. While torch.compile traces, storage identity is not observable, so
+the helper always copies there (functionalization reads a snapshot, and a view
+copied onto itself is a no-op); upstream added such an ``is_compiling()`` guard
+only in 0.5.13.
 
 Releases: the four targets have the pre-change shape in 0.5.10 and 0.5.10.post1
 (applies). 0.5.11 and 0.5.12.post1 contain #22232 (``upstream``, per part).
@@ -48,19 +52,52 @@ def _helpers():
 
     is_compiling = torch.compiler.is_compiling
 
+    def _byte_extent(t):
+        # [first, end) bytes of its storage that a (non-empty) view can touch.
+        lo = hi = t.storage_offset()
+        for size, stride in zip(t.shape, t.stride()):
+            if stride < 0:
+                lo += (size - 1) * stride
+            else:
+                hi += (size - 1) * stride
+        return lo * t.element_size(), (hi + 1) * t.element_size()
+
     def _sgl_accel_write_back(dst, src):
-        """Write ``src`` into ``dst``: nothing if ``src`` is ``dst`` itself (in-place
-        RoPE), else one ``copy_``. Only an identical view may skip: a view that
-        merely starts at the same address holds other elements."""
-        if not is_compiling() and (
+        """``dst[...] = src`` as the original's ``dst[...] = src.clone()`` meant it,
+        without the clone: nothing when the RoPE kernel rotated ``dst`` in place and
+        handed back that very view, else one ``copy_``."""
+        # ``x[...] = v`` drops leading size-1 dims of v (NumPy's rule), copy_ does
+        # not; DeepSeek-YaRN's forward_native returns such dims for one token.
+        while src.dim() > dst.dim() and src.shape[0] == 1:
+            src = src[0]
+        if is_compiling():
+            # Storage identity is not observable while tracing. The functionalized
+            # graph copies from a snapshot of src, and a view copied onto itself is
+            # a no-op, so the plain copy is right in every case.
+            dst.copy_(src)
+            return
+        if (
+            src.numel() == 0
+            or src.device != dst.device
+            or src.untyped_storage().data_ptr() != dst.untyped_storage().data_ptr()
+        ):
+            dst.copy_(src)  # separate memory: the one copy
+            return
+        if (
             src.dtype == dst.dtype
-            and src.device == dst.device
             and src.storage_offset() == dst.storage_offset()
             and src.shape == dst.shape
             and src.stride() == dst.stride()
-            and src.untyped_storage().data_ptr() == dst.untyped_storage().data_ptr()
         ):
-            return
+            return  # the very same view: already written in place
+        # Same storage, another view (e.g. same start, other strides). Where the
+        # two can overlap, copy_ would read elements it already overwrote: keep
+        # the snapshot the original took (judged by byte ranges, so interleaved
+        # but disjoint views take it too). No RoPE path of the releases gets here.
+        s_lo, s_hi = _byte_extent(src)
+        d_lo, d_hi = _byte_extent(dst)
+        if s_lo < d_hi and d_lo < s_hi:
+            src = src.clone()
         dst.copy_(src)
 
     return {"_sgl_accel_write_back": _sgl_accel_write_back}

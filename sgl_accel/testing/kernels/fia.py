@@ -15,6 +15,10 @@ Scope: layouts TND, BSND, BSH, BNSD; contiguous or paged KV (pool formats
 ``sparse_mode`` 0-4; ``softmax_lse_flag``. Quantisation, pse, shared prefix and left
 padding are not modelled and raise ``NotImplementedError`` when used.
 
+Documented limits the model does not enforce (they depend on the chip and the case, and
+SGLang's own configurations differ): head-dim restrictions of TND (D = 128/192 without
+rope), block_size multiples (128 for Q_S > 1, 16 for TND/MLA), the axis maxima.
+
 Arithmetic is fp32 whatever the input dtype; the output is cast to the query dtype
 (the op's internal precision is NOT FOUND). fp32 inputs are accepted for precise
 testing although the real op takes fp16/bf16 only [DOC].
@@ -494,9 +498,7 @@ def _prepare(
             raise ValueError("key_rope pool has a different number of blocks than key")
         kv_capacity = block_table.shape[1] * block_size
     else:
-        if block_size:
-            # block_size alone does not enable PageAttention [DOC]; it is simply unused.
-            pass
+        # block_size alone does not enable PageAttention [DOC]: it is unused here.
         k = _kv_to_bsnd(key, layout, nkv, "key")
         v = _kv_to_bsnd(value, layout, nkv, "value")
         if k.shape[:-1] != v.shape[:-1]:
@@ -706,10 +708,13 @@ def _allowed(plan: _Plan, b: int, sq: int, skv: int, device) -> torch.Tensor | N
         return ok
     if plan.mask_kind == "causal_tl":  # mode 2: diagonal through the top-left corner [DOC]
         return j <= i
-    diag = i + (skv - sq)  # modes 3/4: diagonal through the bottom-right corner [DOC]
+    # Modes 3/4: diagonal through the bottom-right corner [DOC], i.e. query row i sees keys
+    # j <= i + (Skv - Sq) with this batch's lengths. (FIA-doc's TND note "actualSeqLengths <
+    # actualSeqLengthsKv" for sparse 3 is read as <=: SGLang passes equal lengths [INF].)
+    diag = i + (skv - sq)
     if plan.mask_kind == "causal_br":
         return j <= diag
-    return (j >= diag - plan.next_tokens) & (j <= diag + plan.pre_tokens)  # mode 4 [DOC]
+    return (j >= diag - plan.pre_tokens) & (j <= diag + plan.next_tokens)  # mode 4 [DOC]
 
 
 def _run(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -777,7 +782,7 @@ def _finish(plan: _Plan, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Te
     if plan.layout == "BSH":
         out = out.reshape(out.shape[0], out.shape[1], plan.nq * plan.dv)
     elif plan.layout == "BNSD":
-        out = out.transpose(1, 2)
+        out = out.reshape(out.shape[0], out.shape[2], out.shape[1], -1)
     out = out.to(plan.out_dtype).contiguous()
     if not plan.softmax_lse_flag:
         # softmax_lse_flag=False: a shape-[1] tensor of value 0 [DOC].

@@ -1,0 +1,355 @@
+"""Equivalence cases for ``nsa-indexer-fusion`` (the ``rope-writeback`` part:
+``Indexer._get_q_k_bf16`` and ``Indexer._get_k_bf16``).
+
+A case builds a real ``Indexer`` with its own ``__init__`` (real ``ReplicatedLinear``
+projections, ``LayerNorm``, and the RoPE module sglang's factory picks), under a bf16
+default dtype as sglang's model loader builds it, with seeded weights, and runs the
+original and the patched method on the same inputs. Outputs must be bit-identical: the
+patch only changes how the rotated slice is written back, never the arithmetic.
+
+Two RoPE paths, chosen per case on the real rotary module:
+
+* ``inplace``: ``forward_cuda``, whose kernel rotates the ``q_rope``/``k_rope`` views
+  in place and returns them (the CUDA path of both RoPE classes, the ROCm path of the
+  plain one): the write-back source IS its destination.
+* ``native``: ``forward_native``, which returns fresh tensors (ROCm's path for the
+  DeepSeek-YaRN class, and every RoPE under sglang's torch.compile mode).
+
+RoPE configurations: ``deepseek_yarn`` (DeepSeek V3.2's indexer) and ``none`` (the
+plain ``RotaryEmbedding``, as GLM-5 builds it). The DeepSeek-YaRN ``forward_native`` of
+the releases broadcasts a 2-D key against its ``(1, T, 1, R)`` cos table, so with it
+the indexer's 2-D key only works for one token; its native cases use ``tokens=1``
+(whose result then carries leading unit dimensions, which ``x[...] = v`` drops).
+
+What needs a running server is the only stand-in: the global ``ServerArgs`` (created
+from the dataclass defaults without ``__post_init__``, which would resolve a model and
+a device, and only while the Indexer is built, when none is set) and the
+``ForwardBatch`` (the two context-parallel metadata fields these methods read).
+
+On a machine without the GPU kernels (``sglang.jit_kernel`` RoPE and Hadamard, or
+``fast_hadamard_transform`` on ROCm) the caller provides reference implementations
+(the tests do); this module never imports the test bed. ``evaluate`` needs the patch
+applied (the original is then the patched function's ``__sgl_accel_original__``), or
+builds the patched form the loader would install without installing it. ``BENCH``
+times one call of each method at DeepSeek V3.2 sizes (``sgl-accel bench``, on a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import types
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+from . import Case, Comparison, compare
+
+PATCH_NAME = "nsa-indexer-fusion"
+MODULE = "sglang.srt.layers.attention.nsa.nsa_indexer"
+METHODS = ("_get_q_k_bf16", "_get_k_bf16")
+ROPE_PATHS = ("inplace", "native")
+
+
+@dataclass(frozen=True)
+class Spec:
+    method: str  # "_get_q_k_bf16" | "_get_k_bf16"
+    rope: str  # "inplace" (forward_cuda) | "native" (forward_native)
+    tokens: int = 5
+    scaling: str = "deepseek_yarn"  # or "none": the plain RotaryEmbedding
+    neox: bool = True
+    dual_stream: bool = False  # CUDA only: the enable_dual_stream branch
+    heads: int = 4
+    head_dim: int = 128  # power of two (Hadamard)
+    rope_dim: int = 64
+    q_lora_rank: int = 64
+    hidden: int = 64
+    original_max_position: int = 128  # YaRN: cache length = this x factor
+    factor: float = 4.0
+    dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}")
+        if self.rope not in ROPE_PATHS:
+            raise ValueError(f"rope must be one of {ROPE_PATHS}")
+        if self.scaling not in ("deepseek_yarn", "none"):
+            raise ValueError("scaling must be 'deepseek_yarn' or 'none'")
+
+    @classmethod
+    def deepseek_v32(cls, method: str, rope: str = "inplace", tokens: int = 128, **kw) -> "Spec":
+        """DeepSeek V3.2's indexer sizes (for benchmarks on a GPU)."""
+        return cls(method, rope, tokens, heads=64, head_dim=128, rope_dim=64, q_lora_rank=1536,
+                   hidden=7168, original_max_position=4096, factor=40.0, **kw)
+
+    @property
+    def max_position(self) -> int:
+        return int(self.original_max_position * self.factor)
+
+    def rope_scaling(self) -> Optional[dict]:
+        if self.scaling == "none":
+            return None
+        return {"rope_type": "deepseek_yarn", "factor": self.factor, "beta_fast": 32, "beta_slow": 1,
+                "mscale": 1.0, "mscale_all_dim": 1.0,
+                "original_max_position_embeddings": self.original_max_position}
+
+    def label(self) -> str:
+        extra = "" if self.neox else "-gptj"
+        extra += "-dual-stream" if self.dual_stream else ""
+        return f"{self.method.lstrip('_')}-{self.rope}-{self.scaling}-T{self.tokens}{extra}"
+
+
+@dataclass
+class Bed:
+    spec: Spec
+    module: types.ModuleType
+    indexer: object
+    q_lora: object
+    x: object
+    positions: object
+    forward_batch: object
+    device: str
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def default_device() -> str:
+    torch = _torch()
+    return "cuda" if torch.cuda.is_available() else "cpu"  # ROCm builds answer here too
+
+
+@contextlib.contextmanager
+def _server_args(device_type: str, scaling: str):
+    """Global server args for the constructors, when no server set them."""
+    from sglang.srt import server_args as sa
+
+    if getattr(sa, "_global_server_args", None) is not None:
+        yield sa._global_server_args
+        return
+    args = object.__new__(sa.ServerArgs)
+    for f in dataclasses.fields(sa.ServerArgs):
+        if f.default is not dataclasses.MISSING:
+            setattr(args, f.name, f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            setattr(args, f.name, f.default_factory())
+    # The Indexer hands ``device`` to the RoPE factory: "cpu" selects sglang's CPU
+    # engine factory, which only builds the DeepSeek-YaRN class. For the plain class on
+    # a CPU the device stays unresolved (None), which takes the GPU factory.
+    if device_type != "cpu":
+        args.device = device_type
+    elif scaling == "deepseek_yarn":
+        args.device = "cpu"
+    args.pp_size = 1
+    sa.set_global_server_args_for_scheduler(args)
+    try:
+        yield args
+    finally:
+        sa._global_server_args = None
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    torch = _torch()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build(spec: Spec, seed: int, device: Optional[str] = None) -> Bed:
+    """A real Indexer and seeded inputs for one call of ``spec.method``."""
+    torch = _torch()
+    device = str(device or default_device())
+    device_type = torch.device(device).type
+    if spec.dual_stream and device_type != "cuda":
+        raise ValueError("the dual-stream branch needs CUDA streams")
+    module = importlib.import_module(MODULE)
+    dtype = getattr(torch, spec.dtype)
+    with _server_args(device_type, spec.scaling), _default_dtype(dtype):
+        indexer = module.Indexer(
+            hidden_size=spec.hidden,
+            index_n_heads=spec.heads,
+            index_head_dim=spec.head_dim,
+            rope_head_dim=spec.rope_dim,
+            index_topk=16,
+            q_lora_rank=spec.q_lora_rank,
+            max_position_embeddings=spec.max_position,
+            rope_theta=10000.0,
+            layer_id=0,
+            scale_fmt="ue8m0",
+            rope_scaling=spec.rope_scaling(),
+            is_neox_style=spec.neox,
+            alt_stream=torch.cuda.Stream() if spec.dual_stream else None,
+        )
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(shape, scale, dtype):
+        return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to(dtype)
+
+    with torch.no_grad():
+        for name, param in indexer.named_parameters():
+            if param.dim() == 2:  # projections: unit-variance outputs
+                param.copy_(normal(param.shape, param.shape[1] ** -0.5, param.dtype))
+            elif name.endswith("weight"):  # norm scale around 1
+                param.copy_(1.0 + normal(param.shape, 0.1, param.dtype))
+            else:
+                param.copy_(normal(param.shape, 0.1, param.dtype))
+    indexer = indexer.to(device)
+    q_lora = normal((spec.tokens, spec.q_lora_rank), 1.0, dtype).to(device)
+    x = normal((spec.tokens, spec.hidden), 1.0, dtype).to(device)
+    positions = torch.randint(0, spec.max_position, (spec.tokens,), generator=gen).to(device)
+    # The scheduler-side fields the two methods read (no context parallelism).
+    forward_batch = types.SimpleNamespace(nsa_cp_metadata=None, attn_cp_metadata=None)
+    return Bed(spec, module, indexer, q_lora, x, positions, forward_batch, device)
+
+
+@contextlib.contextmanager
+def rope_path(rotary, path: str):
+    """Run the real rotary module through ``forward_cuda`` or ``forward_native``.
+
+    sglang caches RoPE modules across layers (``_ROPE_DICT``), so the choice is undone."""
+    if path == "inplace":
+        needs = "apply_rope_with_cos_sin_cache_inplace"
+        if not getattr(rotary, "use_fallback_kernel", False) and needs not in type(rotary).forward_cuda.__globals__:
+            raise RuntimeError(
+                f"{type(rotary).__name__}.forward_cuda has no in-place RoPE kernel here ({needs} is only "
+                "imported on CUDA): provide one to run the in-place case"
+            )
+        method = rotary.forward_cuda
+    else:
+        method = rotary.forward_native
+    saved = rotary.__dict__.get("_forward_method")
+    rotary._forward_method = method
+    try:
+        yield
+    finally:
+        rotary._forward_method = saved
+
+
+def functions(method: str, module=None) -> tuple:
+    """(original, patched) ``Indexer.<method>``: the installed pair when the patch is
+    applied, else the installed original and the form the loader would install (built
+    from the installed source, installed nowhere)."""
+    module = module or importlib.import_module(MODULE)
+    current = module.Indexer.__dict__[method]
+    original = getattr(current, "__sgl_accel_original__", None)
+    if original is not None:
+        return original, current
+    return current, build_patched(method)
+
+
+def build_patched(method: str):
+    from sgl_accel import _loader
+    from sgl_accel._registry import all_patches
+
+    patch = all_patches()[PATCH_NAME]
+    target = next(t for t in patch.targets if t.qualname == f"Indexer.{method}")
+    live, verdict = _loader._verdict_live(target)
+    if verdict.state != "applies":
+        raise RuntimeError(f"{PATCH_NAME}: {target.key} is {verdict.state}: {verdict.reason}")
+    return _loader._build(live, verdict, patch.helpers(), PATCH_NAME)
+
+
+def inputs(bed: Bed) -> tuple:
+    """Fresh copies of the method's arguments (the methods do not write them; copies
+    keep the two runs independent all the same)."""
+    spec = bed.spec
+    if spec.method == "_get_q_k_bf16":
+        return (bed.q_lora.clone(), bed.x.clone(), bed.positions.clone(), spec.dual_stream, bed.forward_batch)
+    return (bed.x.clone(), bed.positions.clone(), spec.dual_stream)
+
+
+def call(bed: Bed, fn, args: Optional[tuple] = None, sync: bool = True) -> tuple:
+    """One call of ``fn`` (the original or the patched method) on ``args`` (default:
+    fresh inputs), through the case's RoPE path. Returns the outputs as a tuple."""
+    torch = _torch()
+    args = inputs(bed) if args is None else args
+    with torch.no_grad(), rope_path(bed.indexer.rotary_emb, bed.spec.rope):
+        out = fn(bed.indexer, *args)
+    if sync and torch.device(bed.device).type == "cuda":
+        torch.cuda.synchronize()
+    return tuple(out) if isinstance(out, tuple) else (out,)
+
+
+def evaluate(spec: Spec, seed: int, device: Optional[str] = None) -> list:
+    bed = build(spec, seed, device)
+    original, patched = functions(spec.method, bed.module)
+    expected = call(bed, original)
+    actual = call(bed, patched)
+    names = ("query", "key") if spec.method == "_get_q_k_bf16" else ("key",)
+    if len(actual) != len(names) or len(expected) != len(names):
+        return [Comparison("outputs", float("inf"), 0.0, True, f"{len(actual)} vs {len(expected)} outputs")]
+    return [compare(name, a, e, exact=True, note="patched vs original") for name, a, e in zip(names, actual, expected)]
+
+
+def specs_for(device: str) -> list:
+    """The case list for a device type ("cpu", "cuda")."""
+    specs = []
+    for method in METHODS:
+        specs += [
+            Spec(method, "inplace", tokens=7),
+            Spec(method, "native", tokens=1),  # see the module docstring
+            Spec(method, "inplace", tokens=6, scaling="none"),
+            Spec(method, "native", tokens=6, scaling="none"),
+        ]
+    specs.append(Spec("_get_q_k_bf16", "inplace", tokens=3, neox=False))
+    if device == "cuda":
+        specs.append(Spec("_get_q_k_bf16", "inplace", tokens=9, dual_stream=True))
+    return specs
+
+
+def _run(spec: Spec, device: Optional[str], seed: int) -> list:
+    return evaluate(spec, seed, device)
+
+
+def cases_for(device: Optional[str] = None) -> list:
+    device = device or default_device()
+    kind = device.split(":")[0]
+    return [
+        Case(PATCH_NAME, spec.label(), partial(_run, spec, device),
+             "Indexer RoPE write-back: patched vs original query/key, bit for bit")
+        for spec in specs_for(kind)
+    ]
+
+
+CASES = cases_for("cpu")
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def bench_pair(spec: Spec, device: str, seed: int = 0) -> tuple:
+    """(original, patched): zero-argument callables, one call of ``spec.method`` each, on
+    the same inputs (the methods do not write them)."""
+    bed = build(spec, seed, device)
+    original, patched = functions(spec.method, bed.module)
+    args = inputs(bed)
+    return (lambda: call(bed, original, args, sync=False)), (lambda: call(bed, patched, args, sync=False))
+
+
+def _bench_cases() -> list:
+    try:
+        from sgl_accel._bench import BenchCase
+    except ImportError:  # an sgl_accel without the bench module
+        return []
+    specs = [
+        Spec.deepseek_v32("_get_q_k_bf16", "inplace", tokens=1),
+        Spec.deepseek_v32("_get_q_k_bf16", "inplace", tokens=64),
+        Spec.deepseek_v32("_get_q_k_bf16", "inplace", tokens=2048),
+        Spec.deepseek_v32("_get_k_bf16", "inplace", tokens=2048),
+    ]
+    return [
+        BenchCase(PATCH_NAME, spec.label(), partial(bench_pair, spec),
+                  f"Indexer.{spec.method}, DeepSeek V3.2 sizes, {spec.tokens} tokens, in-place RoPE (the CUDA path)")
+        for spec in specs
+    ]
+
+
+BENCH: list = _bench_cases()
