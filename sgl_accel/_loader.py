@@ -23,7 +23,7 @@ from ._detect import Hardware, SglangInstall, detect_hardware, hardware_override
 from ._guard import SourceReader, Verdict, check_def
 from ._registry import Patch, Target, all_patches, resolve_names
 from ._report import PatchReport, Report, TargetReport, overall_state
-from ._rewrite import compile_def, parse_def_at
+from ._rewrite import compile_def, module_import_names, parse_def_at
 
 logger = logging.getLogger("sgl_accel")
 
@@ -225,6 +225,17 @@ class _Live:
     raw: object
     function: object  # the innermost Python function
     module: object
+    imported: tuple = ()  # the module's import-bound names (see _rewrite.module_import_names)
+
+
+_import_name_cache: dict = {}
+
+
+def _import_names(filename: str, lines: list) -> tuple:
+    key = (filename, hash(tuple(lines)))
+    if key not in _import_name_cache:
+        _import_name_cache[key] = module_import_names(lines)
+    return _import_name_cache[key]
 
 
 def _resolve_live(target: Target):
@@ -282,7 +293,8 @@ def _live_def(live: _Live):
         node = None
     if node is None or node.name != live.attr:
         return None, f"source at {code.co_filename}:{code.co_firstlineno} is not {live.target.qualname}"
-    rebuilt = compile_def(node, code.co_filename, live.module.__dict__, _closure_of(live.function), decorators=False)
+    live.imported = _import_names(code.co_filename, lines)
+    rebuilt = compile_def(node, code.co_filename, live.module.__dict__, _closure_of(live.function), decorators=False, imported=live.imported)
     if _code_signature(rebuilt.__code__) != _code_signature(code):
         return None, f"{live.target.qualname} in memory differs from its source file (modified on disk, or replaced by other code)"
     return node, None
@@ -421,7 +433,7 @@ def _build(live: _Live, verdict: Verdict, helpers: dict, name: str):
     clash = set(closure) & set(helpers)
     if clash:
         raise RuntimeError(f"helper names {sorted(clash)} clash with free variables of {live.target.qualname}")
-    new = compile_def(verdict.patched, live.function.__code__.co_filename, live.module.__dict__, {**closure, **helpers})
+    new = compile_def(verdict.patched, live.function.__code__.co_filename, live.module.__dict__, {**closure, **helpers}, imported=live.imported)
     function = new.__func__ if isinstance(new, (staticmethod, classmethod)) else new
     function = inspect.unwrap(function)
     function.__qualname__ = live.function.__qualname__

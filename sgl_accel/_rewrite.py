@@ -293,8 +293,48 @@ def parse_def_at(lines: list[str], first_line: int):
 def _dedent_exact(text: str, indent: int) -> str:
     out = []
     for line in text.splitlines(keepends=True):
-        out.append(line[indent:] if line[:indent].strip() == "" else line)
+        if not line.strip():
+            out.append("\n")  # keep blank lines: they carry line numbers
+        else:
+            out.append(line[indent:] if line[:indent].strip() == "" else line)
     return "".join(out)
+
+
+_IMPORT_LINE = re.compile(r"^(\s*)(import|from)\s")
+_TOP_LEVEL_SCOPE = re.compile(r"^(def|async\s+def|class|@)")
+
+
+def module_import_names(lines: list) -> tuple:
+    """Names bound by import statements in module scope (not inside a def or class).
+
+    CPython compiles ``name.attr(...)`` differently when ``name`` was bound by an
+    import in module scope (LOAD_ATTR instead of LOAD_METHOD in 3.11), so a
+    function recompiled on its own must see the same import bindings to produce
+    the same bytecode as the original.
+    """
+    names: list = []
+    in_def = False
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line[:1] not in (" ", "\t", "\n", "#", "") and line.strip():
+            in_def = bool(_TOP_LEVEL_SCOPE.match(line))
+        match = _IMPORT_LINE.match(line)
+        if match and not in_def:
+            statement, depth = line, line.count("(") - line.count(")")
+            while (depth > 0 or statement.rstrip().endswith("\\")) and i + 1 < len(lines):
+                i += 1
+                statement += lines[i]
+                depth += lines[i].count("(") - lines[i].count(")")
+            try:
+                node = ast.parse(statement.strip()).body[0]
+            except SyntaxError:  # e.g. a docstring line that starts with "import"
+                node = None
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    names.append(alias.asname or alias.name.split(".")[0])
+        i += 1
+    return tuple(dict.fromkeys(n for n in names if n != "*"))
 
 
 # --------------------------------------------------------------------------- compile
@@ -312,7 +352,7 @@ def uses_private_names(func: ast.AST) -> bool:
     return False
 
 
-def compile_def(func: ast.AST, filename: str, module_globals: dict, closure: dict, *, decorators: bool = True):
+def compile_def(func: ast.AST, filename: str, module_globals: dict, closure: dict, *, decorators: bool = True, imported: tuple = ()):
     """Evaluate the def ``func`` as if written where the original was.
 
     The def is wrapped in a factory whose parameters are the names of
@@ -320,7 +360,9 @@ def compile_def(func: ast.AST, filename: str, module_globals: dict, closure: dic
     zero-argument ``super()``, plus helpers the patch adds), so the new function
     sees them as closure cells and its globals are the target module's own dict.
     Returns whatever the def statement binds (decorators applied unless
-    ``decorators`` is False).
+    ``decorators`` is False). ``imported``: the target module's import-bound
+    names (see ``module_import_names``), declared in a never-run block so that
+    the compiler treats them as the original module did.
     """
     func = copy.deepcopy(func)
     if not decorators:
@@ -336,10 +378,22 @@ def compile_def(func: ast.AST, filename: str, module_globals: dict, closure: dic
     )
     if "type_params" in ast.FunctionDef._fields:
         factory.type_params = []
-    module = ast.Module(body=[factory], type_ignores=[])
+    body = [factory]
+    if imported:
+        never = ast.If(
+            test=ast.Constant(False),
+            body=[ast.Import(names=[ast.alias(name=n)]) for n in imported],
+            orelse=[],
+        )
+        body.insert(0, never)
+    module = ast.Module(body=body, type_ignores=[])
     for node in (factory, factory.body[1], factory.body[1].value):
         node.lineno = node.end_lineno = line
         node.col_offset = node.end_col_offset = 0
+    for node in ast.walk(body[0]) if imported else ():
+        if "lineno" in node._attributes:
+            node.lineno = node.end_lineno = line
+            node.col_offset = node.end_col_offset = 0
     ast.fix_missing_locations(module)
     code = compile(module, filename, "exec")
     namespace: dict = {}

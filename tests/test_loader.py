@@ -18,6 +18,9 @@ from sgl_accel._rewrite import Rule
 
 DEMO = textwrap.dedent(
     '''
+    import math
+    from os import path as ospath
+
     class Base:
         def run(self, x):
             return x
@@ -25,6 +28,11 @@ DEMO = textwrap.dedent(
     class Model(Base):
         def run(self, x):
             y = super().run(x)
+
+            if x is None:
+                raise ValueError("line-number probe")
+            # Method calls on import-bound names compile differently (LOAD_ATTR).
+            y = math.floor(y) + len(ospath.join("a", "b")) - 3
             return y + 1
 
         @classmethod
@@ -261,3 +269,17 @@ def test_untested_source_is_skipped_with_its_fingerprint(demo, monkeypatch):
     assert "untested source (Model.run fingerprint " in report["demo-patch"].reason
     assert _is_original(module)
     assert sgl_accel.apply(["demo-patch"], allow_untested=True)["demo-patch"].state == "applied"
+
+
+def test_patched_function_reports_original_line_numbers(demo):
+    module = importlib.import_module(demo)
+    probe_line = DEMO.splitlines().index('            raise ValueError("line-number probe")') + 1
+    sgl_accel.apply(["demo-patch"])
+    assert module.Model.run.__sgl_accel_patch__ == "demo-patch"
+    import traceback
+
+    try:
+        module.Model().run(None)
+    except ValueError as exc:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+    assert frame.filename.endswith(f"{demo}.py") and frame.lineno == probe_line

@@ -194,7 +194,8 @@ def fns(accel, sglang_release):
 
 
 def _spec(**kw):
-    return cases().Spec(**kw)
+    # A top-k of 256 keeps the reference attention cheap; CASES use the models' 2048.
+    return cases().Spec(**{"topk": 256, **kw})
 
 
 def _delta(original, patched):
@@ -212,8 +213,7 @@ def _assert_same_q_at_entries(original, patched):
 
 
 @pytest.mark.sglang
-@pytest.mark.parametrize("impl", ["tilelang", "aiter"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("impl,dtype", [("tilelang", "bfloat16"), ("aiter", "bfloat16"), ("tilelang", "float32")])
 def test_decode_hands_q_cat_to_the_kernel(fns, impl, dtype):
     """ROCm decode: the entry point gets q_cat itself (a view), byte-identical to the
     original's re-concatenation, and the layer runs one concatenation fewer."""
@@ -250,7 +250,11 @@ def test_decode_aiter_with_padded_heads(fns):
     comparisons, original, patched = C.evaluate(_spec(batch=2, heads=8, impl="aiter"), fns=fns)
     assert all(c.passed for c in comparisons), [(c.what, c.note) for c in comparisons if not c.passed]
     _assert_same_q_at_entries(original, patched)
-    assert patched.entry_q[0].shape[1] == 16
+    q = patched.entry_q[0]
+    if q.shape[1] == 8:  # 0.5.10.post1's _forward_aiter does not pad: the kernel gets q_cat itself
+        assert q.untyped_storage().data_ptr() == patched.q_cat.untyped_storage().data_ptr()
+    else:  # 0.5.11 pads 8 heads to 16 (repeat_interleave), a copy in both
+        assert q.shape[1] == 16
     assert torch.equal(patched.output, original.output)
     assert _delta(original, patched)["ops"].get("aten.cat.default") == 1
 
@@ -270,7 +274,7 @@ def test_llama_4_scaling_equals_original(fns, mode):
     assert torch.equal(patched.q_cat, original.q_cat)
     assert torch.equal(patched.output, original.output)
     # The scaling did happen: without it the layer gives another output.
-    plain, _, unscaled = C.evaluate(_spec(batch=3, heads=16, mode=mode), fns=fns)
+    _, _, unscaled = C.evaluate(_spec(batch=3, heads=16, mode=mode), fns=fns)
     assert not torch.equal(unscaled.output, patched.output)
     assert torch.equal(unscaled.q_cat[..., 512:], patched.q_cat[..., 512:])  # rope half untouched
     delta = _delta(original, patched)

@@ -645,7 +645,7 @@ def draft_step(model, shape: Shape, seed: int, *, ascend: bool, prefix=(21, 2, 3
     embeds = torch.randn(tokens, shape.hidden_size, generator=gen).to(_dtype(shape.dtype))
     positions = torch.cat([p + torch.arange(shape.block_size) for p in paged.prefix]).to(torch.int64)
     backend = make_backend(page_size, shape.block_size) if ascend else OracleBackend(paged)
-    with torch.no_grad():
+    with torch.inference_mode():  # as the DFlash worker runs its draft
         worker_mod.DFlashWorker._append_target_hidden_sequential(make_worker(model, pool), hidden, ctx_positions, locs)
         batch = verify_batch(paged, pool, backend, positions=positions, input_embeds=embeds)
         ids = torch.zeros(tokens, dtype=torch.int64)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from . import Case, Comparison, compare

@@ -663,8 +663,10 @@ def evaluate(spec: Spec, device: str = "cpu", fns: Optional[dict] = None) -> tup
     others = [op for op in delta["ops"] if op != "aten.cat.default" and op.rsplit(".", 1)[0] not in VIEW_OPS]
     out.append(_flag("no other op changes (views aside)", not others, f"{others}"))
     if spec.removes_concat:
-        shared = bool(patched.entry_q) and (bed.backend.need_pad_heads or all(_shares(q, patched.q_cat) for q in patched.entry_q))
-        out.append(_flag("patched entry q is a view of q_cat", shared))
+        # A q with more heads than the layer is aiter's head padding (repeat_interleave, 0.5.11+): a copy by design.
+        unpadded = [q for q in patched.entry_q if q.shape[1] == spec.heads]
+        shared = bool(patched.entry_q) and all(_shares(q, patched.q_cat) for q in unpadded)
+        out.append(_flag("patched entry q is a view of q_cat", shared, f"{len(unpadded)} unpadded entry q"))
     return out, original, patched
 
 

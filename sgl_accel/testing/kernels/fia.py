@@ -782,7 +782,7 @@ def _finish(plan: _Plan, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Te
     if plan.layout == "BSH":
         out = out.reshape(out.shape[0], out.shape[1], plan.nq * plan.dv)
     elif plan.layout == "BNSD":
-        out = out.reshape(out.shape[0], out.shape[2], out.shape[1], -1)
+        out = out.transpose(1, 2)
     out = out.to(plan.out_dtype).contiguous()
     if not plan.softmax_lse_flag:
         # softmax_lse_flag=False: a shape-[1] tensor of value 0 [DOC].
