@@ -35,7 +35,7 @@ def check_def(target, def_node) -> Verdict:
     from ._rewrite import count_matches
 
     for marker in target.upstream:
-        if count_matches(def_node, marker):
+        if _marker_hits(marker, def_node):
             return Verdict("upstream", f"{target.qualname} already has the change", fp, def_node)
     if uses_private_names(def_node):
         return Verdict("drifted", f"{target.qualname} uses class-private names", fp, def_node)
@@ -48,6 +48,15 @@ def check_def(target, def_node) -> Verdict:
     if problems:
         return Verdict("drifted", f"{target.qualname}: " + "; ".join(problems), fp, def_node)
     return Verdict("applies", f"{target.qualname} has the expected shape", fp, def_node, patched)
+
+
+def _marker_hits(marker, def_node) -> int:
+    """A marker is a pattern string, or a rule object (Present/Custom) run on a copy."""
+    from ._rewrite import count_matches
+
+    if isinstance(marker, str):
+        return count_matches(def_node, marker)
+    return marker.apply(copy.deepcopy(def_node))
 
 
 def module_file(module: str, sglang_root: str) -> Optional[Path]:

@@ -437,6 +437,11 @@ def _build(live: _Live, verdict: Verdict, helpers: dict, name: str):
     function = new.__func__ if isinstance(new, (staticmethod, classmethod)) else new
     function = inspect.unwrap(function)
     function.__qualname__ = live.function.__qualname__
+    if new is not function and not isinstance(new, (staticmethod, classmethod)):
+        try:  # a decorator's wrapper copied the factory-local name before we fixed it
+            new.__qualname__ = getattr(live.raw, "__qualname__", live.function.__qualname__)
+        except (AttributeError, TypeError):
+            pass
     function.__defaults__ = live.function.__defaults__
     function.__kwdefaults__ = live.function.__kwdefaults__
     setattr(function, PATCH_MARK, name)

@@ -31,8 +31,9 @@ class Target:
     """One function to rewrite: ``module`` + ``qualname`` (``Class.method`` or ``function``).
 
     ``rules`` must each match their exact count of sites. ``upstream`` are
-    patterns that only the already-changed upstream code contains; any match
-    means the release has the change and the target is left alone.
+    patterns (or Present/Custom rule objects) that only the already-changed
+    upstream code contains; any match means the release has the change and the
+    target is left alone.
     """
 
     module: str

@@ -267,37 +267,22 @@ def find_def(tree: ast.Module, qualname: str):
 def parse_def_at(lines: list[str], first_line: int):
     """Parse the def (with its decorators) that starts at 1-based ``first_line``.
 
-    Much cheaper than parsing the whole module. Positions in the result are the
-    positions in the file.
+    Much cheaper than parsing the whole module. The block keeps its own
+    indentation (a method is parsed under a synthetic ``if 1:`` header), so string
+    literals, line numbers and column offsets are exactly the file's.
     """
     import inspect
 
     start = first_line - 1
     block = inspect.getblock(lines[start:])
     text = "".join(block)
-    indent = len(block[0]) - len(block[0].lstrip())
-    tree = ast.parse(_dedent_exact(text, indent))
-    node = tree.body[0]
+    indented = block[0][:1] in (" ", "\t")
+    tree = ast.parse("if 1:\n" + text if indented else text)
+    node = tree.body[0].body[0] if indented else tree.body[0]
     if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         return None
-    ast.increment_lineno(node, start)
-    if indent:
-        for sub in ast.walk(node):
-            if hasattr(sub, "col_offset"):
-                sub.col_offset += indent
-                if getattr(sub, "end_col_offset", None) is not None:
-                    sub.end_col_offset += indent
+    ast.increment_lineno(node, start - 1 if indented else start)
     return node
-
-
-def _dedent_exact(text: str, indent: int) -> str:
-    out = []
-    for line in text.splitlines(keepends=True):
-        if not line.strip():
-            out.append("\n")  # keep blank lines: they carry line numbers
-        else:
-            out.append(line[indent:] if line[:indent].strip() == "" else line)
-    return "".join(out)
 
 
 _IMPORT_LINE = re.compile(r"^(\s*)(import|from)\s")

@@ -27,6 +27,10 @@ DEMO = textwrap.dedent(
 
     class Model(Base):
         def run(self, x):
+            """Run.
+
+            The indentation of this docstring is part of its value.
+            """
             y = super().run(x)
 
             if x is None:

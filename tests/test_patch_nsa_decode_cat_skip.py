@@ -125,12 +125,12 @@ def test_apply_per_release(accel, sglang_release):
     if RELEASE == "0.5.13.post1":
         importlib.import_module(MLA)
         importlib.import_module(DSA_BACKEND)  # what 0.5.13 imports; its nsa_backend shim does not import
-        report = sgl_accel.apply([NAME], allow_untested=True)[NAME]
+        report = sgl_accel.apply([NAME])[NAME]
         assert report.state == "not-applicable" and "outside" in report.reason
         return
     fm, nb = _import_targets()
     before = (fm.DeepseekMLAForwardMixin.__dict__["forward_absorb_core"], nb.NativeSparseAttnBackend.__dict__["forward_decode"])
-    report = sgl_accel.apply([NAME], allow_untested=True)[NAME]
+    report = sgl_accel.apply([NAME])[NAME]
     after = (fm.DeepseekMLAForwardMixin.__dict__["forward_absorb_core"], nb.NativeSparseAttnBackend.__dict__["forward_decode"])
     if RELEASE in PRE_CHANGE:
         assert report.state == "applied", report.reason
@@ -152,7 +152,7 @@ def test_not_applied_elsewhere(accel, sglang_release, hardware):
     fm, nb = _import_targets()
     before = (fm.DeepseekMLAForwardMixin.__dict__["forward_absorb_core"], nb.NativeSparseAttnBackend.__dict__["forward_decode"])
     accel(hardware)
-    report = sgl_accel.apply([NAME], allow_untested=True)[NAME]
+    report = sgl_accel.apply([NAME])[NAME]
     assert report.state == "not-applicable", report.reason
     after = (fm.DeepseekMLAForwardMixin.__dict__["forward_absorb_core"], nb.NativeSparseAttnBackend.__dict__["forward_decode"])
     assert after == before
@@ -188,7 +188,7 @@ def fns(accel, sglang_release):
         pytest.skip("the pre-change targets are in 0.5.10.post1 / 0.5.11")
     _import_targets()
     accel("rocm:gfx950")
-    report = sgl_accel.apply([NAME], allow_untested=True)[NAME]
+    report = sgl_accel.apply([NAME])[NAME]
     assert report.state == "applied", report.reason
     return cases().functions()
 

@@ -1,16 +1,14 @@
 """nsa-indexer-fusion (upstream #22232) against the real NSA ``Indexer`` of each release.
 
 The Indexer is built with its own ``__init__`` (sgl_accel.cases.nsa_indexer_fusion). On
-this CPU machine three GPU pieces need stand-ins, installed by the ``cpu_bed`` fixture:
+this CPU machine two GPU kernels need stand-ins, installed by the ``cpu_bed`` fixture:
 
 * ``sglang.jit_kernel.rope.apply_rope_with_cos_sin_cache_inplace`` (what ``forward_cuda``
   of the RoPE classes calls; imported into ``rotary_embedding.base`` only on CUDA):
   ``rope_inplace`` below, a torch.library op (one op for the op counter), checked
   against sglang's own ``forward_native`` of both RoPE classes;
 * ``sglang.jit_kernel.hadamard.hadamard_transform`` (``rotate_activation``; it refuses
-  CPU tensors): ``hadamard`` below, checked against ``scipy.linalg.hadamard``;
-* ``rotary_embedding.base._is_cpu`` = True while building, as sglang's CPU engine sets
-  it: otherwise ``RotaryEmbedding.__init__`` imports ``vllm._custom_ops``.
+  CPU tensors): ``hadamard`` below, checked against ``scipy.linalg.hadamard``.
 
 ROCm's class state (the head-gate decorators evaluated with ``_is_hip`` True) is made
 by evaluating the release's own decorator expression with ``_is_hip`` = True.
@@ -147,8 +145,7 @@ def cpu_bed(monkeypatch):
     import sglang.srt.layers.rotary_embedding.base as rope_base
     from sglang.srt import server_args
 
-    monkeypatch.setattr(server_args, "_global_server_args", None)
-    monkeypatch.setattr(rope_base, "_is_cpu", True)
+    monkeypatch.setattr(server_args, "_global_server_args", None)  # the builder makes its own
     monkeypatch.setattr(rope_base, "apply_rope_with_cos_sin_cache_inplace", apply_rope_with_cos_sin_cache_inplace,
                         raising=False)
     monkeypatch.setattr(jit_hadamard, "hadamard_transform", hadamard_transform)

@@ -17,7 +17,10 @@ SOURCE = textwrap.dedent(
 
     class Child(Base):
         def f(self, x, scale=2):
-            """Child.f doc"""
+            """Child.f doc
+
+            A multi-line docstring: its indentation is part of the constant.
+            """
             head = super().f(x)
             y = math.floor(x * scale)
             if y > 10:
@@ -100,7 +103,7 @@ def test_compiled_def_keeps_super_closure_globals_and_lines(tmp_path):
     new = compile_def(func, str(path), namespace, {"__class__": child})
     assert new.__code__.co_filename == str(path)
     assert new.__code__.co_firstlineno == original.__code__.co_firstlineno
-    assert new.__doc__ == "Child.f doc"
+    assert new.__doc__ == original.__doc__ and new.__doc__.startswith("Child.f doc")
     assert new.__globals__ is namespace
     child.f = new
     assert child().f(1) == (("base", 1), 6)  # super() still resolves through __class__

@@ -21,17 +21,25 @@ the releases broadcasts a 2-D key against its ``(1, T, 1, R)`` cos table, so wit
 the indexer's 2-D key only works for one token; its native cases use ``tokens=1``
 (whose result then carries leading unit dimensions, which ``x[...] = v`` drops).
 
-What needs a running server is the only stand-in: the global ``ServerArgs`` (created
-from the dataclass defaults without ``__post_init__``, which would resolve a model and
-a device, and only while the Indexer is built, when none is set) and the
+On a CPU the RoPE constructor runs with sglang's CPU-engine flag
+(``rotary_embedding.base._is_cpu``), set only while the Indexer is built.
+
+Stand-ins only for what needs a running server: the global ``ServerArgs`` (made from
+the dataclass defaults without ``__post_init__``, which would resolve a model and a
+device; set only while the Indexer is built, and only when no server set one) and the
 ``ForwardBatch`` (the two context-parallel metadata fields these methods read).
 
-On a machine without the GPU kernels (``sglang.jit_kernel`` RoPE and Hadamard, or
-``fast_hadamard_transform`` on ROCm) the caller provides reference implementations
-(the tests do); this module never imports the test bed. ``evaluate`` needs the patch
-applied (the original is then the patched function's ``__sgl_accel_original__``), or
-builds the patched form the loader would install without installing it. ``BENCH``
-times one call of each method at DeepSeek V3.2 sizes (``sgl-accel bench``, on a GPU).
+Kernels: on a GPU the release's own (``sglang.jit_kernel`` RoPE and Hadamard on CUDA;
+``sgl_kernel``'s RoPE and ``fast_hadamard_transform`` on ROCm). This module carries no
+reference kernels and never imports the test bed: on a CPU the caller installs them
+(tests/test_patch_nsa_indexer_fusion.py does), so ``sgl-accel verify --emulate`` on a
+CPU fails these cases (sglang's JIT kernels cannot load there) until the test bed wires
+such references in.
+
+``evaluate`` compares the installed pair when the patch is applied (the original is the
+patched function's ``__sgl_accel_original__``); otherwise it builds the form the loader
+would install, without installing it. ``BENCH`` times one call of each method at
+DeepSeek V3.2 sizes with the in-place RoPE (``sgl-accel bench``, on a CUDA GPU).
 """
 
 from __future__ import annotations
@@ -80,8 +88,9 @@ class Spec:
     @classmethod
     def deepseek_v32(cls, method: str, rope: str = "inplace", tokens: int = 128, **kw) -> "Spec":
         """DeepSeek V3.2's indexer sizes (for benchmarks on a GPU)."""
-        return cls(method, rope, tokens, heads=64, head_dim=128, rope_dim=64, q_lora_rank=1536,
-                   hidden=7168, original_max_position=4096, factor=40.0, **kw)
+        sizes = dict(heads=64, head_dim=128, rope_dim=64, q_lora_rank=1536, hidden=7168,
+                     original_max_position=4096, factor=40.0)
+        return cls(method, rope, tokens, **{**sizes, **kw})
 
     @property
     def max_position(self) -> int:
@@ -153,6 +162,23 @@ def _server_args(device_type: str, scaling: str):
 
 
 @contextlib.contextmanager
+def _cpu_engine(device_type: str):
+    """On a CPU, the RoPE constructor's platform flag as sglang's CPU engine sets it
+    (SGLANG_USE_CPU_ENGINE=1); without it ``RotaryEmbedding.__init__`` takes the
+    GPU-less fallback and imports ``vllm._custom_ops``."""
+    if device_type != "cpu":
+        yield
+        return
+    base = importlib.import_module("sglang.srt.layers.rotary_embedding.base")
+    saved = base._is_cpu
+    base._is_cpu = True
+    try:
+        yield
+    finally:
+        base._is_cpu = saved
+
+
+@contextlib.contextmanager
 def _default_dtype(dtype):
     torch = _torch()
     old = torch.get_default_dtype()
@@ -172,7 +198,7 @@ def build(spec: Spec, seed: int, device: Optional[str] = None) -> Bed:
         raise ValueError("the dual-stream branch needs CUDA streams")
     module = importlib.import_module(MODULE)
     dtype = getattr(torch, spec.dtype)
-    with _server_args(device_type, spec.scaling), _default_dtype(dtype):
+    with _server_args(device_type, spec.scaling), _cpu_engine(device_type), _default_dtype(dtype):
         indexer = module.Indexer(
             hidden_size=spec.hidden,
             index_n_heads=spec.heads,
@@ -289,8 +315,8 @@ def evaluate(spec: Spec, seed: int, device: Optional[str] = None) -> list:
     return [compare(name, a, e, exact=True, note="patched vs original") for name, a, e in zip(names, actual, expected)]
 
 
-def specs_for(device: str) -> list:
-    """The case list for a device type ("cpu", "cuda")."""
+def specs_for(device: Optional[str] = None) -> list:
+    """The case list; a CUDA device adds the dual-stream branch."""
     specs = []
     for method in METHODS:
         specs += [
@@ -300,7 +326,7 @@ def specs_for(device: str) -> list:
             Spec(method, "native", tokens=6, scaling="none"),
         ]
     specs.append(Spec("_get_q_k_bf16", "inplace", tokens=3, neox=False))
-    if device == "cuda":
+    if device is not None and device.split(":")[0] == "cuda":
         specs.append(Spec("_get_q_k_bf16", "inplace", tokens=9, dual_stream=True))
     return specs
 
@@ -310,16 +336,15 @@ def _run(spec: Spec, device: Optional[str], seed: int) -> list:
 
 
 def cases_for(device: Optional[str] = None) -> list:
-    device = device or default_device()
-    kind = device.split(":")[0]
+    """Cases on ``device``; None: the machine's device, chosen when a case runs."""
     return [
         Case(PATCH_NAME, spec.label(), partial(_run, spec, device),
              "Indexer RoPE write-back: patched vs original query/key, bit for bit")
-        for spec in specs_for(kind)
+        for spec in specs_for(device)
     ]
 
 
-CASES = cases_for("cpu")
+CASES = cases_for()
 
 
 # --------------------------------------------------------------------------- bench

@@ -30,8 +30,9 @@ Releases: the four targets have the pre-change shape in 0.5.10 and 0.5.10.post1
 (applies). 0.5.11 and 0.5.12.post1 contain #22232 (``upstream``, per part).
 0.5.13 moved the indexer to ``layers/attention/dsa/dsa_indexer.py`` (already
 changed) and left ``nsa/nsa_indexer.py`` as a re-export shim that DeepSeek/GLM
-no longer import, so the range stops before 0.5.13. 0.5.9 and older have no
-``.clone()`` in the write-back and are outside the range too.
+no longer import, so the range stops before 0.5.13. 0.5.9 already writes back
+without ``.clone()`` (its head gates have the conditional decorator, but another
+body, untested here); it and older releases are outside the range.
 
 Not taken from 0.5.11: its other indexer changes (bf16 ``weights_proj`` on ROCm,
 the aiter tuple input), which belong to other upstream changes.
