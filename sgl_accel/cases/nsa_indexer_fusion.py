@@ -29,12 +29,25 @@ the dataclass defaults without ``__post_init__``, which would resolve a model an
 device; set only while the Indexer is built, and only when no server set one) and the
 ``ForwardBatch`` (the two context-parallel metadata fields these methods read).
 
-Kernels: on a GPU the release's own (``sglang.jit_kernel`` RoPE and Hadamard on CUDA;
-``sgl_kernel``'s RoPE and ``fast_hadamard_transform`` on ROCm). This module carries no
-reference kernels and never imports the test bed: on a CPU the caller installs them
-(tests/test_patch_nsa_indexer_fusion.py does), so ``sgl-accel verify --emulate`` on a
-CPU fails these cases (sglang's JIT kernels cannot load there) until the test bed wires
-such references in.
+Kernels: without the test bed, the release's own (``sglang.jit_kernel`` RoPE and
+Hadamard on CUDA; ``sgl_kernel``'s RoPE and ``fast_hadamard_transform`` on ROCm); nothing
+is replaced. When the test bed is active (``sgl_accel.testing.standins.is_active()``:
+the tests, ``sgl-accel verify --emulate``, ``sgl-accel bench --emulate``), each call of
+a method (``call``: the cases, the bench pairs, the tests' op counts) puts the
+references of ``sgl_accel.testing.kernels.indexer`` where the release's code looks its
+kernels up, and restores what was there when the call returns:
+
+* ``apply_rope_with_cos_sin_cache_inplace`` in the globals of the rotary class's
+  ``forward_cuda`` (``rotary_embedding.base``; the release imports it there only on CUDA);
+* ``hadamard_transform`` on ``sglang.jit_kernel.hadamard``, which ``rotate_activation``
+  imports from at each call on CUDA (the ROCm branch's ``fast_hadamard_transform`` has
+  no reference: no case emulates ROCm's ``_is_hip``).
+
+flashinfer's layernorm (``k_norm`` on CUDA) is a stand-in wired by the test bed itself.
+On a CUDA machine without DeepGEMM, the indexer module's ``deep_gemm`` is the
+ImportError it caught, and ``Indexer.__init__`` asks it for the SM count: with the test
+bed active, ``build`` answers that from the device's properties while it builds (the
+count only sizes DeepGEMM, which is then disabled).
 
 ``evaluate`` compares the installed pair when the patch is applied (the original is the
 patched function's ``__sgl_accel_original__``); otherwise it builds the form the loader
@@ -119,6 +132,7 @@ class Bed:
     positions: object
     forward_batch: object
     device: str
+    kernels: list = dataclasses.field(default_factory=list)  # reference_kernels(): installed per call
 
 
 def _torch():
@@ -189,6 +203,57 @@ def _default_dtype(dtype):
         torch.set_default_dtype(old)
 
 
+def _test_bed_active() -> bool:
+    """Whether sgl_accel's test bed (its import stand-ins) is active in this process."""
+    from sgl_accel.testing import standins  # no side effects until activate()
+
+    return standins.is_active()
+
+
+@contextlib.contextmanager
+def _installed(entries: list):
+    """Set ``namespace[name] = value`` for each (namespace, name, value) for the block;
+    afterwards restore what was there (or remove what was not)."""
+    missing = object()
+    saved = [(namespace, name, namespace.get(name, missing)) for namespace, name, _ in entries]
+    try:
+        for namespace, name, value in entries:
+            namespace[name] = value
+        yield
+    finally:
+        for namespace, name, old in reversed(saved):
+            if old is missing:
+                namespace.pop(name, None)
+            else:
+                namespace[name] = old
+
+
+def reference_kernels(rotary) -> list:
+    """(namespace, name, reference) for each kernel look-up the test bed redirects while
+    a method runs (module docstring); empty when the test bed is not active."""
+    if not _test_bed_active():
+        return []
+    from sgl_accel.testing.kernels import indexer as ref
+
+    jit_hadamard = importlib.import_module("sglang.jit_kernel.hadamard")
+    return [
+        (type(rotary).forward_cuda.__globals__, "apply_rope_with_cos_sin_cache_inplace",
+         ref.apply_rope_with_cos_sin_cache_inplace),
+        (vars(jit_hadamard), "hadamard_transform", ref.hadamard_transform),
+    ]
+
+
+def _construction_standins(module, device: str) -> list:
+    """What ``Indexer.__init__`` needs from an absent DeepGEMM on CUDA (module docstring)."""
+    torch = _torch()
+    if torch.device(device).type != "cuda" or not isinstance(vars(module).get("deep_gemm"), BaseException):
+        return []
+    if not _test_bed_active():
+        return []  # a real install without DeepGEMM: the release's own failure, untouched
+    sms = torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+    return [(vars(module), "deep_gemm", types.SimpleNamespace(get_num_sms=lambda: sms))]
+
+
 def build(spec: Spec, seed: int, device: Optional[str] = None) -> Bed:
     """A real Indexer and seeded inputs for one call of ``spec.method``."""
     torch = _torch()
@@ -198,7 +263,8 @@ def build(spec: Spec, seed: int, device: Optional[str] = None) -> Bed:
         raise ValueError("the dual-stream branch needs CUDA streams")
     module = importlib.import_module(MODULE)
     dtype = getattr(torch, spec.dtype)
-    with _server_args(device_type, spec.scaling), _cpu_engine(device_type), _default_dtype(dtype):
+    with _server_args(device_type, spec.scaling), _cpu_engine(device_type), _default_dtype(dtype), \
+            _installed(_construction_standins(module, device)):
         indexer = module.Indexer(
             hidden_size=spec.hidden,
             index_n_heads=spec.heads,
@@ -233,7 +299,8 @@ def build(spec: Spec, seed: int, device: Optional[str] = None) -> Bed:
     positions = torch.randint(0, spec.max_position, (spec.tokens,), generator=gen).to(device)
     # The scheduler-side fields the two methods read (no context parallelism).
     forward_batch = types.SimpleNamespace(nsa_cp_metadata=None, attn_cp_metadata=None)
-    return Bed(spec, module, indexer, q_lora, x, positions, forward_batch, device)
+    kernels = reference_kernels(indexer.rotary_emb)
+    return Bed(spec, module, indexer, q_lora, x, positions, forward_batch, device, kernels)
 
 
 @contextlib.contextmanager
@@ -246,7 +313,8 @@ def rope_path(rotary, path: str):
         if not getattr(rotary, "use_fallback_kernel", False) and needs not in type(rotary).forward_cuda.__globals__:
             raise RuntimeError(
                 f"{type(rotary).__name__}.forward_cuda has no in-place RoPE kernel here ({needs} is only "
-                "imported on CUDA): provide one to run the in-place case"
+                "imported on CUDA): run with the test bed active (sgl-accel verify/bench --emulate) for its "
+                "reference kernel"
             )
         method = rotary.forward_cuda
     else:
@@ -294,10 +362,11 @@ def inputs(bed: Bed) -> tuple:
 
 def call(bed: Bed, fn, args: Optional[tuple] = None, sync: bool = True) -> tuple:
     """One call of ``fn`` (the original or the patched method) on ``args`` (default:
-    fresh inputs), through the case's RoPE path. Returns the outputs as a tuple."""
+    fresh inputs), through the case's RoPE path, with the test bed's reference kernels
+    in place for the call when it is active. Returns the outputs as a tuple."""
     torch = _torch()
     args = inputs(bed) if args is None else args
-    with torch.no_grad(), rope_path(bed.indexer.rotary_emb, bed.spec.rope):
+    with _installed(bed.kernels), torch.no_grad(), rope_path(bed.indexer.rotary_emb, bed.spec.rope):
         out = fn(bed.indexer, *args)
     if sync and torch.device(bed.device).type == "cuda":
         torch.cuda.synchronize()

@@ -16,7 +16,9 @@ implementations in ``sgl_accel.testing.kernels`` (imported lazily, at call time)
   ``torch.library`` op ``npu::causal_conv1d_update`` with a CPU kernel, ``conv_state``
   declared mutable (``Tensor(a!)``) in the schema,
 * ``sgl_kernel_npu.mamba.causal_conv1d.causal_conv1d_update_v2``,
-* ``sgl_kernel_npu.norm.split_qkv_rmsnorm_rope.split_qkv_rmsnorm_rope``.
+* ``sgl_kernel_npu.norm.split_qkv_rmsnorm_rope.split_qkv_rmsnorm_rope``,
+* ``flashinfer.norm.layernorm`` -> ``kernels.indexer`` (sglang's ``LayerNorm.forward_cuda``
+  imports it on CUDA; on a CPU it is never reached).
 
 The conv1d op shows up in dispatch (``TorchDispatchMode``, ``sgl_accel.testing.opcount``)
 as ``npu.causal_conv1d_update.default``; FIA does not (see ``_PythonOp``).
@@ -221,6 +223,8 @@ def _module_attributes(fullname: str) -> dict:
                 "split_qkv", "split_qkv_rmsnorm_rope", f"{fullname}.split_qkv_rmsnorm_rope"
             )
         }
+    if fullname == "flashinfer.norm":
+        return {"layernorm": _lazy_kernel("indexer", "layernorm", f"{fullname}.layernorm")}
     return {}
 
 
@@ -299,6 +303,31 @@ def _real_torch_npu_present() -> str | None:
     return None
 
 
+_STAND_IN_OP_NAMESPACES = ("sgl_kernel::",)
+_real_register_fake = None
+
+
+def _tolerate_missing_kernel_fakes(torch) -> None:
+    """On a CUDA machine sglang registers fake (meta) kernels for sgl_kernel's ops at
+    import time (e.g. ``sgl_kernel::moe_fused_gate`` in layers/moe/topk.py). Those
+    ops exist only in the real sgl_kernel, which the stand-in replaces, so a fake
+    for an op that is not defined is skipped instead of failing the import. Any
+    other registration goes through unchanged."""
+    global _real_register_fake
+    if _real_register_fake is not None:
+        return
+    _real_register_fake = torch.library.register_fake
+
+    def register_fake(op, *args, **kwargs):
+        if isinstance(op, str) and op.startswith(_STAND_IN_OP_NAMESPACES):
+            namespace, _, name = op.partition("::")
+            if not hasattr(getattr(torch.ops, namespace), name.split(".")[0]):
+                return (lambda fn: fn) if not args else None
+        return _real_register_fake(op, *args, **kwargs)
+
+    torch.library.register_fake = register_fake
+
+
 def activate() -> None:
     """Install the stand-ins (idempotent). Refuses where a real torch_npu exists."""
     global _finder, _library
@@ -318,6 +347,7 @@ def activate() -> None:
             _library = _register_npu_ops()
         for name, value in _TORCH_OPS_NPU.items():
             setattr(torch.ops.npu, name, value)
+        _tolerate_missing_kernel_fakes(torch)
         finder = _StandInFinder()
         sys.meta_path.insert(0, finder)
         _finder = finder
