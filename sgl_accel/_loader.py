@@ -23,7 +23,7 @@ from ._detect import Hardware, SglangInstall, detect_hardware, hardware_override
 from ._guard import SourceReader, Verdict, check_def
 from ._registry import Patch, Target, all_patches, resolve_names
 from ._report import PatchReport, Report, TargetReport, overall_state
-from ._rewrite import compile_def, module_import_names, parse_def_at
+from ._rewrite import compile_def, future_flags, module_import_names, parse_def_at
 
 logger = logging.getLogger("sgl_accel")
 
@@ -294,7 +294,7 @@ def _live_def(live: _Live):
     if node is None or node.name != live.attr:
         return None, f"source at {code.co_filename}:{code.co_firstlineno} is not {live.target.qualname}"
     live.imported = _import_names(code.co_filename, lines)
-    rebuilt = compile_def(node, code.co_filename, live.module.__dict__, _closure_of(live.function), decorators=False, imported=live.imported)
+    rebuilt = compile_def(node, code.co_filename, live.module.__dict__, _closure_of(live.function), decorators=False, imported=live.imported, flags=future_flags(code))
     if _code_signature(rebuilt.__code__) != _code_signature(code):
         return None, f"{live.target.qualname} in memory differs from its source file (modified on disk, or replaced by other code)"
     return node, None
@@ -433,7 +433,8 @@ def _build(live: _Live, verdict: Verdict, helpers: dict, name: str):
     clash = set(closure) & set(helpers)
     if clash:
         raise RuntimeError(f"helper names {sorted(clash)} clash with free variables of {live.target.qualname}")
-    new = compile_def(verdict.patched, live.function.__code__.co_filename, live.module.__dict__, {**closure, **helpers}, imported=live.imported)
+    code = live.function.__code__
+    new = compile_def(verdict.patched, code.co_filename, live.module.__dict__, {**closure, **helpers}, imported=live.imported, flags=future_flags(code))
     function = new.__func__ if isinstance(new, (staticmethod, classmethod)) else new
     function = inspect.unwrap(function)
     function.__qualname__ = live.function.__qualname__

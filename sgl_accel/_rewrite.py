@@ -337,7 +337,17 @@ def uses_private_names(func: ast.AST) -> bool:
     return False
 
 
-def compile_def(func: ast.AST, filename: str, module_globals: dict, closure: dict, *, decorators: bool = True, imported: tuple = ()):
+def future_flags(code) -> int:
+    """The ``from __future__`` compiler flags a code object was compiled with."""
+    import __future__
+
+    mask = 0
+    for name in __future__.all_feature_names:
+        mask |= getattr(__future__, name).compiler_flag
+    return code.co_flags & mask
+
+
+def compile_def(func: ast.AST, filename: str, module_globals: dict, closure: dict, *, decorators: bool = True, imported: tuple = (), flags: int = 0):
     """Evaluate the def ``func`` as if written where the original was.
 
     The def is wrapped in a factory whose parameters are the names of
@@ -347,7 +357,8 @@ def compile_def(func: ast.AST, filename: str, module_globals: dict, closure: dic
     Returns whatever the def statement binds (decorators applied unless
     ``decorators`` is False). ``imported``: the target module's import-bound
     names (see ``module_import_names``), declared in a never-run block so that
-    the compiler treats them as the original module did.
+    the compiler treats them as the original module did; ``flags``: its
+    ``__future__`` flags (see ``future_flags``).
     """
     func = copy.deepcopy(func)
     if not decorators:
@@ -380,7 +391,8 @@ def compile_def(func: ast.AST, filename: str, module_globals: dict, closure: dic
             node.lineno = node.end_lineno = line
             node.col_offset = node.end_col_offset = 0
     ast.fix_missing_locations(module)
-    code = compile(module, filename, "exec")
+    # The target module's own __future__ flags, never this module's.
+    code = compile(module, filename, "exec", flags=flags, dont_inherit=True)
     namespace: dict = {}
     exec(code, module_globals, namespace)
     return namespace[FACTORY](*closure.values())

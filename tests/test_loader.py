@@ -43,7 +43,7 @@ DEMO = textwrap.dedent(
         def make(cls, n):
             return [cls] * n
 
-    def scale(v):
+    def scale(v: int) -> int:
         return v * 2
     '''
 )
@@ -287,3 +287,11 @@ def test_patched_function_reports_original_line_numbers(demo):
     except ValueError as exc:
         frame = traceback.extract_tb(exc.__traceback__)[-1]
     assert frame.filename.endswith(f"{demo}.py") and frame.lineno == probe_line
+
+
+def test_patched_function_keeps_the_target_modules_future_flags(demo):
+    # The demo module has no "from __future__ import annotations" (sgl_accel's own modules do).
+    module = importlib.import_module(demo)
+    sgl_accel.apply(["demo-patch"])
+    assert module.scale.__sgl_accel_patch__ == "demo-patch"
+    assert module.scale.__annotations__ == {"v": int, "return": int}

@@ -1,14 +1,12 @@
 """nsa-indexer-fusion (upstream #22232) against the real NSA ``Indexer`` of each release.
 
 The Indexer is built with its own ``__init__`` (sgl_accel.cases.nsa_indexer_fusion). On
-this CPU machine two GPU kernels need stand-ins, installed by the ``cpu_bed`` fixture:
-
-* ``sglang.jit_kernel.rope.apply_rope_with_cos_sin_cache_inplace`` (what ``forward_cuda``
-  of the RoPE classes calls; imported into ``rotary_embedding.base`` only on CUDA):
-  ``rope_inplace`` below, a torch.library op (one op for the op counter), checked
-  against sglang's own ``forward_native`` of both RoPE classes;
-* ``sglang.jit_kernel.hadamard.hadamard_transform`` (``rotate_activation``; it refuses
-  CPU tensors): ``hadamard`` below, checked against ``scipy.linalg.hadamard``.
+this CPU machine two GPU kernels need references: the in-place RoPE that ``forward_cuda``
+calls and the Hadamard transform of ``rotate_activation``. With the test bed active (as
+conftest makes it), the case builder installs those of
+``sgl_accel.testing.kernels.indexer`` (checked against their oracles in
+tests/test_kernel_indexer.py) for each call and restores the release's names after it;
+``test_references_are_installed_only_for_a_call`` holds it to that.
 
 ROCm's class state (the head-gate decorators evaluated with ``_is_hip`` True) is made
 by evaluating the release's own decorator expression with ``_is_hip`` = True.
@@ -43,60 +41,6 @@ def _write_back():
 def _clone_setitem(dst, src):
     """The release's write-back, ``query[..., :r] = q_rope.clone()``, on given views."""
     dst[...] = src.clone()
-
-
-# --------------------------------------------------------------------------- reference kernels
-
-_NS = "sgl_accel_nsa_indexer_test"
-
-
-def _rotate(x, cos, sin, is_neox):
-    half = x.shape[-1] // 2
-    if is_neox:
-        x1, x2 = x[..., :half], x[..., half:]
-    else:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    return torch.cat((o1, o2), -1) if is_neox else torch.stack((o1, o2), -1).flatten(-2)
-
-
-@torch.library.custom_op(f"{_NS}::rope_inplace", mutates_args=("q", "k"))
-def rope_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-                 is_neox: bool) -> None:
-    """Model of sglang.jit_kernel's fused in-place RoPE: ``q`` (T, Hq, R) and ``k``
-    (T, Hk, R) views rotated in place, ``cos_sin_cache`` (P, R) = [cos | sin], math in
-    fp32 (the kernel wants an fp32 cache; on ROCm/CPU sglang keeps it in the model
-    dtype, so any float cache is accepted). The kernel's work items are (token, head),
-    q heads then k heads, each reading and writing its own row: q and k that are the
-    same memory (``_get_k_bf16`` passes ``k_rope`` twice) are rotated once per role in
-    a serial run, i.e. twice, which this model reproduces by rotating q, then k."""
-    cos, sin = cos_sin_cache[positions.long()].float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    for t in (q, k):
-        t.copy_(_rotate(t.float(), cos, sin, is_neox).to(t.dtype))
-
-
-def apply_rope_with_cos_sin_cache_inplace(positions, q, k, cos_sin_cache, is_neox, fused_args=None, **kwargs):
-    if fused_args is not None or kwargs.get("rope_dim"):
-        raise NotImplementedError("the test reference models plain in-place RoPE only")
-    rope_inplace(positions, q, k, cos_sin_cache, is_neox)
-
-
-@torch.library.custom_op(f"{_NS}::hadamard", mutates_args=())
-def hadamard(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Model of the fast Walsh-Hadamard transform: ``x @ H_n * scale`` along the last
-    dim, H_n the Sylvester matrix (n a power of two), fp32 math, x's dtype out."""
-    n = x.shape[-1]
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    if h.shape[0] != n:
-        raise ValueError(f"Hadamard size {n} is not a power of two")
-    return ((x.float() @ h.to(x.device)) * scale).to(x.dtype)
-
-
-def hadamard_transform(x, scale=1.0):
-    return hadamard(x, float(scale))
 
 
 # --------------------------------------------------------------------------- release access
@@ -140,15 +84,14 @@ def _in_range(release) -> bool:
 
 @pytest.fixture
 def cpu_bed(monkeypatch):
-    """CPU stand-ins for the GPU pieces the Indexer's methods reach (module docstring)."""
-    import sglang.jit_kernel.hadamard as jit_hadamard
-    import sglang.srt.layers.rotary_embedding.base as rope_base
+    """The case builder, with no server's global args (it makes its own). The kernel
+    references come from the case builder itself (module docstring)."""
     from sglang.srt import server_args
 
-    monkeypatch.setattr(server_args, "_global_server_args", None)  # the builder makes its own
-    monkeypatch.setattr(rope_base, "apply_rope_with_cos_sin_cache_inplace", apply_rope_with_cos_sin_cache_inplace,
-                        raising=False)
-    monkeypatch.setattr(jit_hadamard, "hadamard_transform", hadamard_transform)
+    from sgl_accel.testing import standins
+
+    assert standins.is_active(), "conftest activates the test bed for release runs"
+    monkeypatch.setattr(server_args, "_global_server_args", None)
     from sgl_accel.cases import nsa_indexer_fusion as cases
 
     return cases
@@ -295,34 +238,63 @@ def test_write_back_under_torch_compile():
     assert torch.equal(compiled(base.clone(), fresh), expected)
 
 
-# --------------------------------------------------------------------------- reference kernels vs oracles
+# --------------------------------------------------------------------------- the emulation is scoped
 
 
-@pytest.mark.parametrize("n", [64, 128])
-def test_hadamard_reference_matches_scipy(n):
-    scipy_linalg = pytest.importorskip("scipy.linalg")
-    x = torch.randn(6, 3, n, generator=torch.Generator().manual_seed(n))
-    oracle = x.double() @ torch.from_numpy(scipy_linalg.hadamard(n)).double() * n**-0.5
-    torch.testing.assert_close(hadamard_transform(x, scale=n**-0.5).double(), oracle, rtol=1e-5, atol=1e-5)
+_MISSING = object()
+
+
+def _kernel_lookups(rotary):
+    """What the release's code would find for its two kernels right now."""
+    import sglang.jit_kernel.hadamard as jit_hadamard
+
+    return (type(rotary).forward_cuda.__globals__.get("apply_rope_with_cos_sin_cache_inplace", _MISSING),
+            vars(jit_hadamard).get("hadamard_transform", _MISSING))
 
 
 @pytest.mark.sglang
-@pytest.mark.parametrize("scaling", ["deepseek_yarn", "none"])
-@pytest.mark.parametrize("neox", [True, False])
-def test_rope_reference_matches_sglang_forward_native(cpu_bed, scaling, neox):
+@pytest.mark.parametrize("method", ["_get_q_k_bf16", "_get_k_bf16"])
+def test_references_are_installed_only_for_a_call(cpu_bed, method):
+    from sgl_accel.testing.kernels import indexer as ref
+
     cases = cpu_bed
-    spec = cases.Spec("_get_q_k_bf16", "native", tokens=6, scaling=scaling, neox=neox)
-    rotary = cases.build(spec, seed=0, device="cpu").indexer.rotary_emb
-    gen = torch.Generator().manual_seed(5)
-    positions = torch.randint(0, spec.max_position, (6,), generator=gen)
-    q = torch.randn(6, 4, spec.rope_dim, generator=gen)
-    k = torch.randn(6, 1, spec.rope_dim, generator=gen)
-    want_q, want_k = rotary.forward_native(positions, q.clone(), k.clone())
-    got_q, got_k = q.clone(), k.clone()
-    apply_rope_with_cos_sin_cache_inplace(positions=positions, q=got_q, k=got_k,
-                                          cos_sin_cache=rotary.cos_sin_cache, is_neox=neox)
-    torch.testing.assert_close(got_q, want_q.reshape(got_q.shape), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_k, want_k.reshape(got_k.shape), rtol=1e-5, atol=1e-5)
+    bed = cases.build(cases.Spec(method, "inplace", tokens=3), seed=0, device="cpu")
+    before = _kernel_lookups(bed.indexer.rotary_emb)
+    assert before[0] is _MISSING, "on a CPU the release imports no in-place RoPE kernel"
+    assert before[1] is not ref.hadamard_transform
+    seen = []
+
+    def spy(indexer, *args):
+        seen.append(_kernel_lookups(indexer.rotary_emb))
+        return bed.module.Indexer.__dict__[method](indexer, *args)
+
+    out = cases.call(bed, spy)
+    assert seen == [(ref.apply_rope_with_cos_sin_cache_inplace, ref.hadamard_transform)]
+    assert all(torch.isfinite(t.float()).all() for t in out)
+    assert _kernel_lookups(bed.indexer.rotary_emb) == before
+
+    def failing(indexer, *args):
+        raise KeyError("inside the call")
+
+    with pytest.raises(KeyError):
+        cases.call(bed, failing)
+    assert _kernel_lookups(bed.indexer.rotary_emb) == before
+
+
+@pytest.mark.sglang
+def test_without_the_test_bed_nothing_is_replaced(cpu_bed, monkeypatch):
+    """As on a CUDA machine without stand-ins: the release's kernels, whatever they do
+    here (the in-place case then has no kernel on a CPU and says so)."""
+    from sgl_accel.testing import standins
+
+    cases = cpu_bed
+    monkeypatch.setattr(standins, "is_active", lambda: False)
+    bed = cases.build(cases.Spec("_get_q_k_bf16", "inplace", tokens=2), seed=0, device="cpu")
+    assert bed.kernels == [] and cases.reference_kernels(bed.indexer.rotary_emb) == []
+    before = _kernel_lookups(bed.indexer.rotary_emb)
+    with pytest.raises(RuntimeError, match="no in-place RoPE kernel"):
+        cases.call(bed, bed.module.Indexer.__dict__["_get_q_k_bf16"])
+    assert _kernel_lookups(bed.indexer.rotary_emb) == before
 
 
 # --------------------------------------------------------------------------- per-release states
