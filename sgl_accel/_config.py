@@ -82,10 +82,19 @@ def configure_logging() -> None:
         logger.propagate = False
 
 
+def silence_sglang_rename_warning() -> None:
+    """sglang's environ module treats every SGL_* variable as a deprecated spelling of
+    SGLANG_* and warns once per process; SGL_ACCEL* are ours, not sglang's."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Environment variable SGL_ACCEL\w* is deprecated")
+
+
 def activate_from_environment(default_on: bool, origin: str) -> None:
     """Shared by start-up activation and the sglang plugin. Never raises."""
     logger = logging.getLogger("sgl_accel")
     try:
+        silence_sglang_rename_warning()
         configure_logging()
         chosen = selection(default_on)
         if chosen.patches is None:

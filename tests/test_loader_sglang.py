@@ -264,3 +264,8 @@ def test_sglang_plugin_entry_point_through_real_load_plugins(sglang_release):
     # Every shipped patch was requested by the plugin (none is "not requested").
     assert all(state != "skipped" for state in states.values()), states
     assert "sgl_accel" in proc.stderr or states is not None
+
+
+def test_sglang_does_not_warn_about_our_variables_in_activated_processes():
+    proc = run_child("from sgl_accel.testing import standins; standins.activate(); import sglang.srt.environ", {"SGL_ACCEL": "1", "SGL_ACCEL_LOG_LEVEL": "WARNING"})
+    assert "SGL_ACCEL" not in proc.stderr, proc.stderr

@@ -181,6 +181,17 @@ def test_upstream_release(ascend):
 
 @pytest.mark.sglang
 @needs_dflash
+def test_applies_under_tested_source_policy(ascend):
+    """Without SGL_ACCEL_ALLOW_UNTESTED: the scanner matrix knows these releases' targets."""
+    import sgl_accel
+
+    report = sgl_accel.apply([NAME])[NAME]
+    assert report.state == "applied", report.reason
+    assert {t.state for t in report.targets} == {"applied"}
+
+
+@pytest.mark.sglang
+@needs_dflash
 def test_applies_and_reverts(applied):
     import sgl_accel
 
@@ -255,7 +266,7 @@ def test_fused_kernel_called_once_per_layer(applied, kernel_calls):
     shape = cases().Shape(num_layers=3)
     _forward_all_layers(shape, 3)
     assert len(kernel_calls) == shape.num_layers
-    # One eps for both norms, no biases for sglang's RMSNorm.
+    # sglang's own RMSNorm has no bias: none is passed.
     assert all(call["q_bias"] is None and call["k_bias"] is None for call in kernel_calls)
 
 
