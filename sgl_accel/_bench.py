@@ -90,7 +90,11 @@ def bench_patch(name: str, device: str, quick: bool = False) -> list:
     module = importlib.import_module(module_name)
     results = []
     for case in getattr(module, "BENCH", []):
-        original, patched = case.setup(device)
+        try:
+            original, patched = case.setup(device)
+        except Exception as exc:  # e.g. the installed release already has the change
+            results.append({"patch": name, "case": case.name, "device": device, "not_run": f"{type(exc).__name__}: {exc}"})
+            continue
         before, after = op_profile(original), op_profile(patched)
         timing = interleaved(original, patched, device, rounds=6 if quick else 30, inner=3 if quick else 20)
         removed = {op: n - after["ops"].get(op, 0) for op, n in before["ops"].items() if n != after["ops"].get(op, 0)}
@@ -262,6 +266,9 @@ def main_report(names, device: str, quick: bool, loader: bool) -> dict:
 def render(result: dict) -> str:
     lines = [f"sgl-accel bench on {result['device']} (python {result['python']})"]
     for row in result["patches"]:
+        if "not_run" in row:
+            lines.append(f"  {row['patch']:22} {row['case']:36} not run: {row['not_run']}")
+            continue
         lines.append(
             f"  {row['patch']:22} {row['case']:36} original {row['original_us']:9.1f} us  patched {row['patched_us']:9.1f} us  "
             f"ratio {row['ratio_median']:.3f}  ops {row['ops_original']}->{row['ops_patched']}  allocs {row['allocations'][0]}->{row['allocations'][1]}  "

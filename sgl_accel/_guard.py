@@ -9,14 +9,13 @@ source without importing it. Both reach ``check_def``.
 from __future__ import annotations
 
 import ast
-import copy
 import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ._rewrite import fingerprint, find_def, uses_private_names
+from ._rewrite import clone, fingerprint, find_def, uses_private_names
 
 
 @dataclass
@@ -39,7 +38,7 @@ def check_def(target, def_node) -> Verdict:
             return Verdict("upstream", f"{target.qualname} already has the change", fp, def_node)
     if uses_private_names(def_node):
         return Verdict("drifted", f"{target.qualname} uses class-private names", fp, def_node)
-    patched = copy.deepcopy(def_node)
+    patched = clone(def_node)
     problems = []
     for rule in target.rules:
         sites = rule.apply(patched)
@@ -56,7 +55,7 @@ def _marker_hits(marker, def_node) -> int:
 
     if isinstance(marker, str):
         return count_matches(def_node, marker)
-    return marker.apply(copy.deepcopy(def_node))
+    return marker.apply(clone(def_node))  # a Custom rule may change the tree
 
 
 def module_file(module: str, sglang_root: str) -> Optional[Path]:

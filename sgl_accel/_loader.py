@@ -23,7 +23,7 @@ from ._detect import Hardware, SglangInstall, detect_hardware, hardware_override
 from ._guard import SourceReader, Verdict, check_def
 from ._registry import Patch, Target, all_patches, resolve_names
 from ._report import PatchReport, Report, TargetReport, overall_state
-from ._rewrite import compile_def, future_flags, module_import_names, parse_def_at
+from ._rewrite import code_last_line, compile_def, future_flags, module_import_names, parse_def_at
 
 logger = logging.getLogger("sgl_accel")
 
@@ -287,10 +287,13 @@ def _live_def(live: _Live):
     if not lines:
         return None, f"source of {live.target.qualname} is not available ({code.co_filename})"
     # co_firstlineno is the first decorator's line for decorated functions.
-    try:
-        node = parse_def_at(lines, code.co_firstlineno)
-    except (SyntaxError, IndexError):
-        node = None
+    node = None
+    for last in (code_last_line(code), 0):  # 0: tokenize the block (slower)
+        try:
+            node = parse_def_at(lines, code.co_firstlineno, last)
+            break
+        except (SyntaxError, IndexError):
+            continue
     if node is None or node.name != live.attr:
         return None, f"source at {code.co_filename}:{code.co_firstlineno} is not {live.target.qualname}"
     live.imported = _import_names(code.co_filename, lines)
