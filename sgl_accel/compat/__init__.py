@@ -30,7 +30,8 @@ def matrix_state(report) -> str:
     if report.state in ("applies", "upstream", "not-applicable"):
         return report.state
     targets = [t.state for t in report.targets]
-    if targets and all(state == "absent" for state in targets):
+    # Part of the feature missing, none of it upstream: the code the patch needs is not there.
+    if "absent" in targets and "upstream" not in targets:
         return "absent"
     return "drifted"
 

@@ -38,14 +38,35 @@ def scan_tree(sglang_root: str, version: str) -> dict:
 
     result = {}
     for name, patch in all_patches().items():
-        report = plan_patch(patch, sglang_root, version, hardware=None, check_tested=False)
+        # The structure first, whatever the release gate says, so that the matrix shows
+        # what each release's code is (absent, drifted, upstream) and records the
+        # fingerprints of every target that passes the guard.
+        report = plan_patch(patch, sglang_root, None, hardware=None, check_tested=False)
+        state, reason = matrix_state(report), report.reason
+        outside = _outside_releases(patch, version)
+        if state == "applies" and outside:
+            state, reason = "not-applicable", outside
         result[name] = {
-            "state": matrix_state(report),
-            "reason": report.reason,
+            "state": state,
+            "reason": reason,
             "parts": dict(report.parts),
             "targets": {t.target: {"state": t.state, "fingerprint": t.fingerprint} for t in report.targets},
         }
     return result
+
+
+def _outside_releases(patch, version: str):
+    """The release gate's reason, or None (the loader's rule: dev builds count as their release)."""
+    if not patch.releases:
+        return None
+    from packaging.specifiers import SpecifierSet
+
+    from .._loader import _post
+
+    v = Version(version)
+    if SpecifierSet(patch.releases).contains(Version(v.base_version + _post(v)), prereleases=True):
+        return None
+    return f"sglang {version} is outside {patch.releases}"
 
 
 def _target_files(version: str) -> list[str]:
