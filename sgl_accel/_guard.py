@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ._rewrite import clone, fingerprint, find_def, uses_private_names
+from ._rewrite import NodeIndex, clone, fingerprint, find_def
 
 
 @dataclass
@@ -33,10 +33,11 @@ def check_def(target, def_node) -> Verdict:
     fp = fingerprint(def_node)
     from ._rewrite import count_matches
 
+    index = NodeIndex(def_node)
     for marker in target.upstream:
-        if _marker_hits(marker, def_node):
+        if _marker_hits(marker, def_node, index):
             return Verdict("upstream", f"{target.qualname} already has the change", fp, def_node)
-    if uses_private_names(def_node):
+    if index.uses_private_names():
         return Verdict("drifted", f"{target.qualname} uses class-private names", fp, def_node)
     patched = clone(def_node)
     problems = []
@@ -49,12 +50,12 @@ def check_def(target, def_node) -> Verdict:
     return Verdict("applies", f"{target.qualname} has the expected shape", fp, def_node, patched)
 
 
-def _marker_hits(marker, def_node) -> int:
+def _marker_hits(marker, def_node, index) -> int:
     """A marker is a pattern string, or a rule object (Present/Custom) run on a copy."""
     from ._rewrite import count_matches
 
     if isinstance(marker, str):
-        return count_matches(def_node, marker)
+        return count_matches(def_node, marker, index)
     return marker.apply(clone(def_node))  # a Custom rule may change the tree
 
 

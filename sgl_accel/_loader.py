@@ -140,9 +140,11 @@ def _report(names) -> Report:
     for name in names:
         state = _states.get(name)
         patches.append(state.report if state and state.report else _patch_report(name, "skipped", "not requested"))
-    sglang = _sglang_info()
+    # Inspect sglang only once some target has been imported (see _evaluate_and_apply).
+    pending = all(p.state in ("pending-import", "skipped") for p in patches)
+    sglang = "sglang (inspected when imported)" if pending and _sglang is None else _sglang_info().describe()
     hardware = _hardware.describe() if _hardware is not None else _hardware_hint()
-    return Report(patches=patches, sglang=sglang.describe(), hardware=hardware, version=__version__)
+    return Report(patches=patches, sglang=sglang, hardware=hardware, version=__version__)
 
 
 def _hardware_hint() -> str:
@@ -280,7 +282,7 @@ def _code_signature(code) -> tuple:
 
 
 def _live_def(live: _Live):
-    """The def the live function was compiled from, verified against its bytecode."""
+    """The def the live function was compiled from (read from its file)."""
     code = live.function.__code__
     linecache.checkcache(code.co_filename)  # a stale cache would describe another file
     lines = linecache.getlines(code.co_filename, live.module.__dict__)
@@ -297,10 +299,14 @@ def _live_def(live: _Live):
     if node is None or node.name != live.attr:
         return None, f"source at {code.co_filename}:{code.co_firstlineno} is not {live.target.qualname}"
     live.imported = _import_names(code.co_filename, lines)
-    rebuilt = compile_def(node, code.co_filename, live.module.__dict__, _closure_of(live.function), decorators=False, imported=live.imported, flags=future_flags(code))
-    if _code_signature(rebuilt.__code__) != _code_signature(code):
-        return None, f"{live.target.qualname} in memory differs from its source file (modified on disk, or replaced by other code)"
     return node, None
+
+
+def _matches_memory(live: _Live, node) -> bool:
+    """Whether the function in memory was compiled from ``node`` (same bytecode)."""
+    code = live.function.__code__
+    rebuilt = compile_def(node, code.co_filename, live.module.__dict__, _closure_of(live.function), decorators=False, imported=live.imported, flags=future_flags(code))
+    return _code_signature(rebuilt.__code__) == _code_signature(code)
 
 
 def _verdict_live(target: Target):
@@ -313,7 +319,11 @@ def _verdict_live(target: Target):
     node, reason = _live_def(live)
     if node is None:
         return live, Verdict("drifted", reason)
-    return live, check_def(target, node)
+    verdict = check_def(target, node)
+    # Only code about to be rewritten needs the (costlier) proof that memory matches the file.
+    if verdict.state == "applies" and not _matches_memory(live, node):
+        return live, Verdict("drifted", f"{target.qualname} in memory differs from its source file (modified on disk, or replaced by other code)", verdict.fingerprint)
+    return live, verdict
 
 
 # --------------------------------------------------------------------------- applying
@@ -353,16 +363,18 @@ def _verify_applied(name: str, state: _State) -> None:
 
 def _evaluate_and_apply(patch: Patch, state: _State) -> PatchReport:
     name = patch.name
+    # Nothing else is looked at before sglang imports the targets: at interpreter
+    # start-up (SGL_ACCEL=1) this keeps every process free of metadata scans.
+    missing = [m for m in patch.modules if m not in sys.modules]
+    if missing:
+        _install_hooks(missing)
+        return _patch_report(name, "pending-import", f"waits for sglang to import {', '.join(missing)}")
     if not state.force:
         reason = _release_gate(patch)
         if reason:
             return _patch_report(name, "not-applicable", reason)
     elif not _sglang_info().installed:
         return _patch_report(name, "not-applicable", "sglang is not installed")
-    missing = [m for m in patch.modules if m not in sys.modules]
-    if missing:
-        _install_hooks(missing)
-        return _patch_report(name, "pending-import", f"waits for sglang to import {', '.join(missing)}")
 
     targets: list = []
     part_states: dict = {}
@@ -485,12 +497,12 @@ def _applied_reason(patch: Patch, part_states: dict, kernels_found: list) -> str
 
 
 def _install_hooks(modules) -> None:
-    import wrapt
+    from ._hooks import when_imported
 
     for module in modules:
         if module not in _hooked_modules:
             _hooked_modules.add(module)
-            wrapt.register_post_import_hook(_on_import, module)
+            when_imported(module, _on_import)
 
 
 def _on_import(module) -> None:

@@ -214,12 +214,48 @@ class Custom:
         return self.transform(func)
 
 
-def count_matches(func: ast.AST, find: str) -> int:
+class NodeIndex:
+    """One walk over a tree, for many read-only pattern counts: nodes by type, statement blocks."""
+
+    def __init__(self, root: ast.AST):
+        self.by_type: dict = {}
+        self.nodes: list = []
+        self.blocks: list = []
+        by_type, blocks = self.by_type, self.blocks
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            self.nodes.append(node)
+            kind = type(node)
+            if kind in by_type:
+                by_type[kind].append(node)
+            else:
+                by_type[kind] = [node]
+            for key, value in node.__dict__.items():
+                if isinstance(value, list):
+                    if value and isinstance(value[0], ast.AST):
+                        stack.extend(value)
+                        if key in _BLOCK_FIELDS and isinstance(value[0], ast.stmt):
+                            blocks.append(value)
+                elif isinstance(value, ast.AST):
+                    stack.append(value)
+
+    def uses_private_names(self) -> bool:
+        names = [n.id for n in self.by_type.get(ast.Name, ())] + [n.attr for n in self.by_type.get(ast.Attribute, ())]
+        return any(name.startswith("__") and not name.endswith("__") for name in names)
+
+
+def count_matches(func: ast.AST, find: str, index: "NodeIndex | None" = None) -> int:
+    """How many sites of ``func`` match ``find`` (pass an index when counting many patterns)."""
     kind, pattern = _parse_pattern(find)
+    index = index or NodeIndex(func)
     if kind == "expr":
-        return sum(1 for node in walk(func) if _match(pattern[0], node, {}))
+        root = pattern[0]
+        free = isinstance(root, ast.Name) and is_metavar(root.id)
+        candidates = index.nodes if free else index.by_type.get(type(root), ())
+        return sum(1 for node in candidates if _match(root, node, {}))
     total = 0
-    for block in _statement_lists(func):
+    for block in index.blocks:
         i = 0
         while i + len(pattern) <= len(block):
             if _match(pattern, block[i : i + len(pattern)], {}):
@@ -246,11 +282,16 @@ def _replace_expressions(func: ast.AST, pattern: ast.AST, replacement: ast.AST) 
     return hits
 
 
+_BLOCK_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
 def _statement_lists(root: ast.AST) -> Iterable[list]:
     for node in walk(root):
-        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
-            value = getattr(node, field, None)
-            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
+        if not isinstance(node, (ast.stmt, ast.excepthandler, ast.match_case)):
+            continue
+        for field in _BLOCK_FIELDS:
+            value = node.__dict__.get(field)
+            if value and isinstance(value, list) and isinstance(value[0], ast.stmt):
                 yield value
 
 
@@ -309,11 +350,17 @@ def parse_def_at(lines: list[str], first_line: int, last_line: int = 0):
         block = inspect.getblock(lines[start:])
     text = "".join(block)
     indented = block[0][:1] in (" ", "\t")
-    tree = ast.parse("if 1:\n" + text if indented else text)
-    node = tree.body[0].body[0] if indented else tree.body[0]
+    # Blank lines in front put every node on its line in the file (cheaper than
+    # renumbering the tree afterwards).
+    if indented:
+        tree = ast.parse("\n" * (start - 1) + "if 1:\n" + text) if start else ast.parse("if 1:\n" + text)
+        node = tree.body[0].body[0]
+        if not start:
+            ast.increment_lineno(node, -1)
+    else:
+        node = ast.parse("\n" * start + text).body[0]
     if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         return None
-    ast.increment_lineno(node, start - 1 if indented else start)
     return node
 
 
