@@ -48,10 +48,42 @@ def sglang_install() -> SglangInstall:
     if spec is None or not spec.submodule_search_locations:
         return SglangInstall(version=None, source="none")
     location = str(Path(list(spec.submodule_search_locations)[0]).resolve())
+    beside = _dist_info_beside(location)
+    if beside is not None:
+        return beside
     dist = _distribution_for(location)
     if dist is not None:
         return SglangInstall(version=dist.version, location=location, editable=_is_editable(dist))
     return SglangInstall(version=_version_from_source(location), location=location, source="version.py")
+
+
+def _dist_info_beside(location: str):
+    """The common case, read without importlib.metadata (which costs ~20 ms to import):
+    exactly one sglang-*.dist-info next to the package (wheel and --target installs)."""
+    parent = Path(location).parent
+    try:
+        infos = [n for n in os.listdir(parent) if n.startswith("sglang-") and n.endswith(".dist-info")]
+    except OSError:
+        return None
+    if len(infos) != 1:
+        return None
+    try:
+        with open(parent / infos[0] / "METADATA", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("Version:"):
+                    version = line.split(":", 1)[1].strip()
+                    break
+                if not line.strip():
+                    return None
+            else:
+                return None
+        editable = False
+        direct = parent / infos[0] / "direct_url.json"
+        if direct.exists():
+            editable = bool(json.loads(direct.read_text()).get("dir_info", {}).get("editable"))
+    except (OSError, ValueError):
+        return None
+    return SglangInstall(version=version, location=location, editable=editable)
 
 
 def _distribution_for(location: str):

@@ -140,9 +140,7 @@ def _report(names) -> Report:
     for name in names:
         state = _states.get(name)
         patches.append(state.report if state and state.report else _patch_report(name, "skipped", "not requested"))
-    # Inspect sglang only once some target has been imported (see _evaluate_and_apply).
-    pending = all(p.state in ("pending-import", "skipped") for p in patches)
-    sglang = "sglang (inspected when imported)" if pending and _sglang is None else _sglang_info().describe()
+    sglang = _sglang_info().describe()
     hardware = _hardware.describe() if _hardware is not None else _hardware_hint()
     return Report(patches=patches, sglang=sglang, hardware=hardware, version=__version__)
 
@@ -363,18 +361,25 @@ def _verify_applied(name: str, state: _State) -> None:
 
 def _evaluate_and_apply(patch: Patch, state: _State) -> PatchReport:
     name = patch.name
-    # Nothing else is looked at before sglang imports the targets: at interpreter
-    # start-up (SGL_ACCEL=1) this keeps every process free of metadata scans.
+    info = _sglang_info()
+    if not info.installed:
+        return _patch_report(name, "not-applicable", "sglang is not installed")
     missing = [m for m in patch.modules if m not in sys.modules]
     if missing:
+        # A module this sglang does not have will never be imported: say so now.
+        from ._guard import module_file
+
+        absent = [m for m in missing if m.startswith("sglang.") and module_file(m, info.location) is None]
+        if absent:
+            return _patch_report(name, "not-applicable", f"sglang {info.version} has no {', '.join(absent)}")
+        # The other gates wait for the import too: at interpreter start-up
+        # (SGL_ACCEL=1) every process stays free of the version machinery.
         _install_hooks(missing)
         return _patch_report(name, "pending-import", f"waits for sglang to import {', '.join(missing)}")
     if not state.force:
         reason = _release_gate(patch)
         if reason:
             return _patch_report(name, "not-applicable", reason)
-    elif not _sglang_info().installed:
-        return _patch_report(name, "not-applicable", "sglang is not installed")
 
     targets: list = []
     part_states: dict = {}
