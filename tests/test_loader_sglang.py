@@ -168,14 +168,15 @@ STARTUP_CHILD = textwrap.dedent(
     from sgl_accel.testing import standins
     standins.activate()
     import importlib
+    unimportable = []
     for name in sgl_accel.patch_names():
         for module in sgl_accel._registry.all_patches()[name].modules:
             try:
                 importlib.import_module(module)
-            except ImportError:
-                pass
+            except ImportError:  # e.g. 0.5.13.post1's broken nsa_backend re-export shim
+                unimportable.append(name)
     after = {p.name: p.state for p in sgl_accel.status()}
-    print(json.dumps(dict(startup="sgl_accel._startup" in sys.modules, before=before, after=after)))
+    print(json.dumps(dict(startup="sgl_accel._startup" in sys.modules, before=before, after=after, unimportable=unimportable)))
     """
 )
 
@@ -191,7 +192,8 @@ def test_startup_activation_installs_hooks_in_a_fresh_interpreter():
     for name, state in out["before"].items():
         assert state in ("pending-import", "not-applicable"), (name, state)
     for name, state in out["after"].items():
-        assert state != "pending-import", (name, state)  # the import hook ran
+        if name not in out["unimportable"]:
+            assert state != "pending-import", (name, state)  # the import hook ran
 
 
 def test_startup_does_nothing_without_the_variable():
