@@ -364,6 +364,10 @@ def _evaluate_and_apply(patch: Patch, state: _State) -> PatchReport:
     info = _sglang_info()
     if not info.installed:
         return _patch_report(name, "not-applicable", "sglang is not installed")
+    if not state.force:
+        reason = _release_gate(patch)
+        if reason:
+            return _patch_report(name, "not-applicable", reason)
     missing = [m for m in patch.modules if m not in sys.modules]
     if missing:
         # A module this sglang does not have will never be imported: say so now.
@@ -372,14 +376,10 @@ def _evaluate_and_apply(patch: Patch, state: _State) -> PatchReport:
         absent = [m for m in missing if m.startswith("sglang.") and module_file(m, info.location) is None]
         if absent:
             return _patch_report(name, "not-applicable", f"sglang {info.version} has no {', '.join(absent)}")
-        # The other gates wait for the import too: at interpreter start-up
-        # (SGL_ACCEL=1) every process stays free of the version machinery.
+        # Hardware, kernels and the structural guard wait for the import: by then
+        # sglang has imported torch (and torch_npu), so probing them costs nothing extra.
         _install_hooks(missing)
         return _patch_report(name, "pending-import", f"waits for sglang to import {', '.join(missing)}")
-    if not state.force:
-        reason = _release_gate(patch)
-        if reason:
-            return _patch_report(name, "not-applicable", reason)
 
     targets: list = []
     part_states: dict = {}
