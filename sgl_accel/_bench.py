@@ -194,7 +194,7 @@ def apply_cost(runs: int = 5) -> dict:
 
     names = list(all_patches())
     for patch in all_patches().values():
-        for module in patch.modules:
+        for module in _loader.modules_of(patch):
             importlib.import_module(module)
     import gc
 

@@ -9,6 +9,7 @@ source without importing it. Both reach ``check_def``.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -120,3 +121,35 @@ class SourceReader:
         if not isinstance(node, ast.ClassDef):
             return None
         return {n.target.id for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+
+
+def resolve(target, sglang_root: Optional[str]):
+    """The target as it is named in this sglang: its own place, or the first ``moved`` one
+    whose source defines the function (read without importing)."""
+    if not target.moved or sglang_root is None:
+        return target
+    for module, qualname in ((target.module, target.qualname), *target.moved):
+        if _defines(module_file(module, sglang_root), qualname):
+            return dataclasses.replace(target, module=module, qualname=qualname, moved=())
+    return target
+
+
+def _defines(path: Optional[Path], qualname: str) -> bool:
+    """Whether a module's text defines ``Class.method`` / ``function`` (a textual test: cheap,
+    and enough to pick a place; the structural guard then checks the def itself)."""
+    import re
+
+    if path is None:
+        return False
+    text = path.read_text(encoding="utf-8")
+    *classes, name = qualname.split(".")
+    for cls in classes[:1]:
+        if not re.search(rf"^class\s+{re.escape(cls)}\b", text, re.M):
+            return False
+    indent = r"\s+" if classes else ""
+    return re.search(rf"^{indent}(async\s+)?def\s+{re.escape(name)}\s*\(", text, re.M) is not None
+
+
+def resolved_parts(patch, sglang_root: Optional[str]) -> list:
+    """[(part, [targets as named in this sglang])] for every part of ``patch``."""
+    return [(part, [resolve(t, sglang_root) for t in part.targets]) for part in patch.parts]

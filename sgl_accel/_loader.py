@@ -20,7 +20,7 @@ from typing import Optional
 
 from . import __version__
 from ._detect import Hardware, SglangInstall, detect_hardware, hardware_override, kernel_available, sglang_install
-from ._guard import SourceReader, Verdict, check_def
+from ._guard import SourceReader, Verdict, check_def, resolved_parts
 from ._registry import Patch, Target, all_patches, resolve_names
 from ._report import PatchReport, Report, TargetReport, overall_state
 from ._rewrite import code_last_line, compile_def, future_flags, module_import_names, parse_def_at
@@ -50,6 +50,7 @@ class _State:
 
 _states: dict = {}
 _hooked_modules: set = set()
+_resolved: dict = {}  # patch name -> [(part, [targets as named in the installed sglang])]
 _hardware: Optional[Hardware] = None
 _sglang: Optional[SglangInstall] = None
 
@@ -131,8 +132,20 @@ def _reset_for_tests() -> None:
             if state.swaps:
                 _restore(state.swaps)
         _states.clear()
+        _resolved.clear()
         _hardware = None
         _sglang = None
+
+
+def _parts(patch: Patch) -> list:
+    if patch.name not in _resolved:
+        _resolved[patch.name] = resolved_parts(patch, _sglang_info().location)
+    return _resolved[patch.name]
+
+
+def modules_of(patch: Patch) -> list:
+    """The modules of the patch's targets in the installed sglang (moved targets resolved)."""
+    return sorted({t.module for _, targets in _parts(patch) for t in targets})
 
 
 def _report(names) -> Report:
@@ -368,7 +381,7 @@ def _evaluate_and_apply(patch: Patch, state: _State) -> PatchReport:
         reason = _release_gate(patch)
         if reason:
             return _patch_report(name, "not-applicable", reason)
-    missing = [m for m in patch.modules if m not in sys.modules]
+    missing = [m for m in modules_of(patch) if m not in sys.modules]
     if missing:
         # A module this sglang does not have will never be imported: say so now.
         from ._guard import module_file
@@ -385,14 +398,14 @@ def _evaluate_and_apply(patch: Patch, state: _State) -> PatchReport:
     part_states: dict = {}
     chosen: list = []  # (part, [(live, verdict)])
     kernels_found: list = []
-    for part in patch.parts:
+    for part, part_targets in _parts(patch):
         if not state.force:
             reason = _hardware_gate(patch, part)
             if reason:
                 part_states[part.name] = f"not-applicable: {reason}"
                 continue
-        checked = [_verdict_live(t) for t in part.targets]
-        for target, (live, verdict) in zip(part.targets, checked):
+        checked = [_verdict_live(t) for t in part_targets]
+        for target, (live, verdict) in zip(part_targets, checked):
             targets.append(TargetReport(target.key, verdict.state, verdict.reason, verdict.fingerprint))
         kinds = {v.state for _, v in checked}
         if kinds == {"upstream"}:
@@ -403,7 +416,7 @@ def _evaluate_and_apply(patch: Patch, state: _State) -> PatchReport:
             prefix = "partly upstream, " if "upstream" in kinds else ""
             part_states[part.name] = f"skipped: {prefix}{'; '.join(bad)}"
             continue
-        untested = _untested(part, [v for _, v in checked])
+        untested = _untested(part_targets, [v for _, v in checked])
         if untested and not state.allow_untested:
             part_states[part.name] = f"skipped: {untested}"
             continue
@@ -436,11 +449,11 @@ def _evaluate_and_apply(patch: Patch, state: _State) -> PatchReport:
     return _patch_report(name, *overall_state(part_states, _sglang_info().version), part_states, targets)
 
 
-def _untested(part, verdicts) -> Optional[str]:
+def _untested(targets, verdicts) -> Optional[str]:
     """The tested-source policy: every target's fingerprint must be one the matrix saw."""
     from .compat import is_tested
 
-    unseen = [f"{t.qualname} fingerprint {v.fingerprint}" for t, v in zip(part.targets, verdicts) if not is_tested(t.key, v.fingerprint)]
+    unseen = [f"{t.qualname} fingerprint {v.fingerprint}" for t, v in zip(targets, verdicts) if not is_tested(t.key, v.fingerprint)]
     if not unseen:
         return None
     return "untested source (" + ", ".join(unseen) + "); set SGL_ACCEL_ALLOW_UNTESTED=1 to apply anyway"
@@ -518,7 +531,7 @@ def _on_import(module) -> None:
                 patch = all_patches().get(name)
                 if patch is None or not state.wanted or state.swaps:
                     continue
-                if module.__name__ in patch.modules:
+                if module.__name__ in modules_of(patch):
                     _try_apply(name)
                     report = state.report
                     if report is not None and report.state != "pending-import":

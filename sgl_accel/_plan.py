@@ -11,7 +11,7 @@ import ast
 import difflib
 from typing import Optional
 
-from ._guard import check_static, module_file, static_def
+from ._guard import check_static, module_file, resolved_parts
 from ._registry import Patch, all_patches
 from ._report import PatchReport, TargetReport, overall_state
 
@@ -39,7 +39,7 @@ def plan_patch(patch: Patch, sglang_root: Optional[str], version: Optional[str],
         except InvalidVersion:
             pass
     parts, targets, applies = {}, [], False
-    for part in patch.parts:
+    for part, part_targets in resolved_parts(patch, sglang_root):
         allowed = tuple(part.hardware) or tuple(patch.hardware)
         if hardware is not None and hardware.kind not in allowed:
             parts[part.name] = f"not-applicable: needs {'/'.join(allowed)}, found {hardware.describe()}"
@@ -49,15 +49,15 @@ def plan_patch(patch: Patch, sglang_root: Optional[str], version: Optional[str],
             if reason:
                 parts[part.name] = f"not-applicable: {reason}"
                 continue
-        verdicts = [check_static(t, sglang_root) for t in part.targets]
-        targets += [TargetReport(t.key, v.state, v.reason, v.fingerprint) for t, v in zip(part.targets, verdicts)]
+        verdicts = [check_static(t, sglang_root) for t in part_targets]
+        targets += [TargetReport(t.key, v.state, v.reason, v.fingerprint) for t, v in zip(part_targets, verdicts)]
         kinds = {v.state for v in verdicts}
         if kinds == {"upstream"}:
             parts[part.name] = "upstream"
         elif kinds == {"applies"}:
             from ._loader import _untested
 
-            untested = _untested(part, verdicts) if check_tested else None
+            untested = _untested(part_targets, verdicts) if check_tested else None
             if untested:
                 parts[part.name] = f"skipped: {untested}"
             else:
@@ -87,7 +87,7 @@ def plan_patch(patch: Patch, sglang_root: Optional[str], version: Optional[str],
 def diff_patch(patch: Patch, sglang_root: str) -> tuple[bool, str]:
     """Unified diff between each installed target and its patched form (normalized source)."""
     chunks, ok = [], True
-    for target in patch.targets:
+    for target in (t for _, targets in resolved_parts(patch, sglang_root) for t in targets):
         verdict = check_static(target, sglang_root)
         path = module_file(target.module, sglang_root)
         if verdict.state != "applies":

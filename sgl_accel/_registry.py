@@ -30,7 +30,7 @@ PATCH_MODULES: tuple[str, ...] = (
 class Target:
     """One function to rewrite: ``module`` + ``qualname`` (``Class.method`` or ``function``).
 
-    ``rules`` must each match their exact count of sites. ``upstream`` are
+    ``rules`` must each match their exact count of sites (``moved``: see below). ``upstream`` are
     patterns (or Present/Custom rule objects) that only the already-changed
     upstream code contains; any match means the release has the change and the
     target is left alone.
@@ -40,6 +40,9 @@ class Target:
     qualname: str
     rules: Sequence = ()
     upstream: Sequence[str] = ()
+    # Other (module, qualname) places later releases keep this function (e.g. NSA renamed
+    # DSA in 0.5.13); the first place whose source defines it is the target there.
+    moved: Sequence = ()
 
     @property
     def key(self) -> str:

@@ -79,7 +79,7 @@ def verify(names=None, emulate: bool = False, seed: int = 0) -> list:
     for name in names:
         patch = all_patches()[name]
         try:
-            for module in patch.modules:
+            for module in _loader.modules_of(patch):
                 importlib.import_module(module)
         except Exception as exc:
             out.append(PatchVerification(name, "not-run", f"cannot import its targets: {type(exc).__name__}: {exc}"))

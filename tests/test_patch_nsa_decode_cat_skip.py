@@ -104,10 +104,10 @@ def test_plan_per_release(sglang_release):
 
     install = sglang_install()
     report = plan_patch(PATCH, install.location, install.version, Hardware("rocm", "gfx950", {"aiter": True}), check_tested=False)
-    expected = {"0.5.10.post1": "applies", "0.5.11": "applies", "0.5.12.post1": "upstream", "0.5.13.post1": "not-applicable"}
+    expected = {"0.5.10.post1": "applies", "0.5.11": "applies", "0.5.12.post1": "upstream", "0.5.13.post1": "upstream"}
     assert report.state == expected[RELEASE], report.reason
-    if RELEASE == "0.5.13.post1":
-        assert "outside" in report.reason
+    if RELEASE == "0.5.13.post1":  # the backend target moved to dsa_backend with the NSA->DSA rename
+        assert "sglang.srt.layers.attention.dsa_backend:DeepseekSparseAttnBackend.forward_decode" in [t.target for t in report.targets]
     cuda = plan_patch(PATCH, install.location, install.version, Hardware("cuda", "sm90"), check_tested=False)
     assert cuda.state == "not-applicable"
 
@@ -118,15 +118,18 @@ def _import_targets():
 
 @pytest.mark.sglang
 def test_apply_per_release(accel, sglang_release):
-    """apply() on emulated ROCm gfx950: applied before the change, upstream after, out of range on 0.5.13."""
+    """apply() on emulated ROCm gfx950: applied before the change, upstream after (on 0.5.13
+    in dsa_backend, where the backend moved)."""
     import sgl_accel
 
     accel("rocm:gfx950")
     if RELEASE == "0.5.13.post1":
-        importlib.import_module(MLA)
-        importlib.import_module(DSA_BACKEND)  # what 0.5.13 imports; its nsa_backend shim does not import
+        fm = importlib.import_module(MLA)
+        dsa = importlib.import_module(DSA_BACKEND)  # what 0.5.13 imports; its nsa_backend shim does not import
+        before = dsa.DeepseekSparseAttnBackend.__dict__["forward_decode"]
         report = sgl_accel.apply([NAME])[NAME]
-        assert report.state == "not-applicable" and "outside" in report.reason
+        assert report.state == "upstream", report.reason
+        assert dsa.DeepseekSparseAttnBackend.__dict__["forward_decode"] is before
         return
     fm, nb = _import_targets()
     before = (fm.DeepseekMLAForwardMixin.__dict__["forward_absorb_core"], nb.NativeSparseAttnBackend.__dict__["forward_decode"])

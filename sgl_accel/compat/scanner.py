@@ -73,7 +73,7 @@ def _target_files(version: str) -> list[str]:
     """Paths inside the wheel that the patches (and their gates) read."""
     paths = set()
     for patch in all_patches().values():
-        modules = {t.module for t in patch.targets} | set(patch.gate_modules)
+        modules = {t.module for t in patch.targets} | {m for t in patch.targets for m, _ in t.moved} | set(patch.gate_modules)
         for module in modules:
             rel = "/".join(module.split("."))
             paths.update({rel + ".py", rel + "/__init__.py"})

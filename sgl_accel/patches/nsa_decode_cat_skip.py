@@ -37,7 +37,8 @@ attention call, outside the rewritten statements). 0.5.12.post1 has the change
 ``layers/attention/dsa_backend.py`` as ``DeepseekSparseAttnBackend`` (with the change), and
 ``nsa_backend.py`` is a re-export shim that sglang itself never imports (in 0.5.13.post1 it
 does not even import: it re-exports ``NativeSparseAttnBackend``, which dsa_backend no longer
-defines). A target names one module, so the range stops before 0.5.13. 0.5.9 has no
+defines). The backend target therefore names dsa_backend as its ``moved`` place, and 0.5.13+
+report ``upstream`` from there. 0.5.9 has no
 ``deepseek_common/attention_forward_methods/forward_mla.py``; the range starts at 0.5.10.
 
 Drop this patch when no supported install is older than 0.5.12.post1.
@@ -50,6 +51,8 @@ MLA_MODULE = "sglang.srt.models.deepseek_common.attention_forward_methods.forwar
 MLA_QUALNAME = "DeepseekMLAForwardMixin.forward_absorb_core"
 BACKEND_MODULE = "sglang.srt.layers.attention.nsa_backend"
 BACKEND_QUALNAME = "NativeSparseAttnBackend.forward_decode"
+# 0.5.13 renamed NSA to DSA; nsa_backend.py became a re-export shim (a broken one in 0.5.13.post1).
+DSA_BACKEND = ("sglang.srt.layers.attention.dsa_backend", "DeepseekSparseAttnBackend.forward_decode")
 
 # forward_absorb_core, fused-RoPE branch: the split hand-over of q_cat.
 _SPLIT_HANDOVER = """
@@ -164,7 +167,7 @@ PATCH = Patch(
     kind="perf",
     summary="NSA decode on ROCm gfx95: hand q_cat to the tilelang/aiter kernels as a view, no re-concatenation",
     hardware=("rocm",),
-    releases=">=0.5.10,<0.5.13",
+    releases=">=0.5.10",
     parts=[
         Part(
             "cat-skip",
@@ -195,6 +198,7 @@ PATCH = Patch(
                         _concat_once("torch.cat([q_nope, q_rope], dim=-1)", _AITER_CALL, "aiter"),
                     ],
                     upstream=["q_all is None or not _is_hip"],
+                    moved=[DSA_BACKEND],
                 ),
             ],
         )

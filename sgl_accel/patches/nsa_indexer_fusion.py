@@ -30,7 +30,8 @@ Releases: the four targets have the pre-change shape in 0.5.10 and 0.5.10.post1
 (applies). 0.5.11 and 0.5.12.post1 contain #22232 (``upstream``, per part).
 0.5.13 moved the indexer to ``layers/attention/dsa/dsa_indexer.py`` (already
 changed) and left ``nsa/nsa_indexer.py`` as a re-export shim that DeepSeek/GLM
-no longer import, so the range stops before 0.5.13. 0.5.9 already writes back
+no longer import, so each target names dsa_indexer as its ``moved`` place and 0.5.13+
+report ``upstream`` from there. 0.5.9 already writes back
 without ``.clone()`` (its head gates have the conditional decorator, but another
 body, untested here); it and older releases are outside the range.
 
@@ -44,6 +45,8 @@ from sgl_accel._registry import Patch, Part, Target
 from sgl_accel._rewrite import Present, Rule
 
 MODULE = "sglang.srt.layers.attention.nsa.nsa_indexer"
+# 0.5.13 renamed NSA to DSA; nsa_indexer.py became a re-export shim.
+DSA_MODULE = "sglang.srt.layers.attention.dsa.dsa_indexer"
 HEAD_GATES = ("Indexer._project_and_scale_head_gates", "Indexer._get_logits_head_gate")
 WRITE_BACKS = {"Indexer._get_q_k_bf16": 2, "Indexer._get_k_bf16": 1}
 
@@ -145,17 +148,26 @@ PATCH = Patch(
         "results back with at most one copy, none when RoPE ran in place"
     ),
     hardware=("cuda", "rocm"),
-    releases=">=0.5.10,<0.5.13",
+    releases=">=0.5.10",
     parts=[
         Part(
             "compile-head-gates",
-            [Target(MODULE, name, rules=[_compile_rule()], upstream=[_COMPILED_HEAD_GATE]) for name in HEAD_GATES],
+            [
+                Target(MODULE, name, rules=[_compile_rule()], upstream=[_COMPILED_HEAD_GATE], moved=[(DSA_MODULE, name)])
+                for name in HEAD_GATES
+            ],
             hardware=("rocm",),
         ),
         Part(
             "rope-writeback",
             [
-                Target(MODULE, name, rules=_write_back_rules(count), upstream=["self._update_rope_guarded(__dst, __src)"])
+                Target(
+                    MODULE,
+                    name,
+                    rules=_write_back_rules(count),
+                    upstream=["self._update_rope_guarded(__dst, __src)"],
+                    moved=[(DSA_MODULE, name)],
+                )
                 for name, count in WRITE_BACKS.items()
             ],
             hardware=("cuda", "rocm"),
