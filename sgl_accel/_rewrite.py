@@ -421,15 +421,6 @@ def module_import_names(lines: list) -> tuple:
 FACTORY = "__sgl_accel_factory__"
 
 
-def uses_private_names(func: ast.AST) -> bool:
-    """True if the body uses class-private (mangled) names, which we do not re-mangle."""
-    for node in walk(func):
-        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
-        if name and name.startswith("__") and not name.endswith("__"):
-            return True
-    return False
-
-
 def future_flags(code) -> int:
     """The ``from __future__`` compiler flags a code object was compiled with."""
     import __future__
