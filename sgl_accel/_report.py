@@ -24,7 +24,7 @@ def overall_state(part_states: dict, version) -> tuple:
     if values and all(v == "upstream" for v in values):
         return "upstream", f"sglang {version} already contains the change"
     if any(v.startswith("skipped") for v in values):
-        return "skipped", text
+        return "skipped", text.replace("skipped: ", "") if len(part_states) == 1 else text
     if any(v == "upstream" for v in values):
         return "upstream", text
     return "not-applicable", text.replace("not-applicable: ", "")
