@@ -7,8 +7,10 @@ fallback, stale embeddings on replay). 0.5.13.post1 has the change (upstream);
 0.5.10.post1 has no DFlash. Off Ascend the patch is not applicable.
 
 Ascend is emulated: SGL_ACCEL_HARDWARE=ascend for the loader, the test-bed kernels
-for split_qkv_rmsnorm_rope and FIA, and ``_is_npu`` of sglang's rotary module
-(RotaryEmbedding picks its kernels at construction) set with monkeypatch.
+for split_qkv_rmsnorm_rope and FIA; the rest (``_is_npu`` of sglang's rotary module,
+global server args, parallel state) is set up and restored by the cases module's
+``emulation()``, which every case holds itself: ``test_case`` runs the cases as
+``sgl-accel verify`` does, and ``test_verify_emulate_in_bare_process`` runs verify.
 """
 
 import importlib
@@ -60,30 +62,21 @@ def modules():
     return {name: importlib.import_module(name) for name in (DFLASH, WORKER, RUNNER, BACKEND)}
 
 
-@pytest.fixture(scope="module")
-def runtime(modules):
-    """Server args and a TP-1 parallel state for building layers; undone afterwards."""
-    server_args = importlib.import_module("sglang.srt.server_args")
-    ps = importlib.import_module("sglang.srt.distributed.parallel_state")
-    had_args = server_args._global_server_args is not None
-    had_parallel = ps.model_parallel_is_initialized()
-    cases().ensure_runtime()
-    yield
-    if not had_parallel:
-        ps.destroy_model_parallel()
-        ps.destroy_distributed_environment()
-    if not had_args:
-        server_args._global_server_args = None
-
-
 @pytest.fixture
-def ascend(accel, monkeypatch, modules):
+def ascend(accel, modules):
     accel("ascend")
-    monkeypatch.setattr(importlib.import_module(ROTARY), "_is_npu", True)
 
 
 @pytest.fixture
-def applied(ascend, runtime):
+def emulated(modules):
+    """For tests that call the case builders directly: the cases module's own emulation
+    (Ascend rotary flags, server args, parallel state), undone afterwards."""
+    with cases().emulation():
+        yield
+
+
+@pytest.fixture
+def applied(ascend):
     import sgl_accel
 
     before = installed()
@@ -217,10 +210,78 @@ def test_case(applied, name):
     assert not failed, "\n".join(failed)
 
 
+def _process_state():
+    """The global state the cases' emulation touches, as comparable values."""
+    import torch.distributed as dist
+
+    server_args = importlib.import_module("sglang.srt.server_args")
+    ps = importlib.import_module("sglang.srt.distributed.parallel_state")
+    factory = importlib.import_module("sglang.srt.layers.rotary_embedding.factory")
+    return {
+        "_is_npu": importlib.import_module(ROTARY)._is_npu,
+        "server_args": id(server_args._global_server_args) if server_args._global_server_args is not None else None,
+        "model_parallel": ps.model_parallel_is_initialized(),
+        "dist": dist.is_initialized(),
+        "rope_cache": set(factory._ROPE_DICT),
+    }
+
+
+@pytest.mark.sglang
+@needs_dflash
+def test_cases_restore_process_state(applied):
+    """A case sets up its emulation and undoes it: bare before, bare after; inside an
+    enclosing emulation it uses that one and leaves it in place."""
+    case = next(c for c in cases().CASES if c.name == "append-gqa4-d64")
+    before = _process_state()
+    assert before["_is_npu"] is False and not before["model_parallel"]
+    assert all(r.passed for r in case.run(0))
+    assert _process_state() == before
+    with cases().emulation():
+        inside = _process_state()
+        assert inside["_is_npu"] is True and inside["model_parallel"] and inside["server_args"] is not None
+        assert all(r.passed for r in case.run(0))
+        assert {k: v for k, v in _process_state().items() if k != "rope_cache"} == {
+            k: v for k, v in inside.items() if k != "rope_cache"
+        }
+    assert _process_state() == before
+
+
+@pytest.mark.sglang
+@needs_dflash
+def test_verify_emulate_in_bare_process():
+    """``sgl-accel verify --emulate`` in a fresh interpreter (no test fixtures, no
+    conftest stand-ins): every case passes, and the process is left as it was."""
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+import json, importlib
+from sgl_accel._verify import verify
+(result,) = verify([{NAME!r}], emulate=True)
+ps = importlib.import_module("sglang.srt.distributed.parallel_state")
+import torch.distributed as dist
+print(json.dumps(dict(
+    outcome=result.outcome, reason=result.reason,
+    failed=[(c["name"], c["details"]) for c in result.cases if not c["passed"]],
+    is_npu=importlib.import_module({ROTARY!r})._is_npu,
+    server_args=importlib.import_module("sglang.srt.server_args")._global_server_args is None,
+    parallel=ps.model_parallel_is_initialized() or dist.is_initialized(),
+)))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "SGL_ACCEL_HARDWARE"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["outcome"] == "pass", (report["reason"], report["failed"])
+    assert report["reason"].startswith(f"{len(cases().CASES)}/{len(cases().CASES)} ")
+    assert report["is_npu"] is False and report["server_args"] is True and report["parallel"] is False
+
+
 @pytest.mark.sglang
 @needs_dflash
 @pytest.mark.parametrize("seed", [1, 2])
-def test_qkv_more_seeds(applied, seed):
+def test_qkv_more_seeds(applied, emulated, seed):
     C = cases()
     for shape in (C.Shape(num_heads=8, num_kv_heads=2, head_dim=128, norm_bias="both"), C.Shape(num_heads=4, num_kv_heads=4)):
         results = C.run_qkv(shape, seed, num_requests=2)
@@ -262,7 +323,7 @@ def _forward_all_layers(shape, seed, function=None):
 
 @pytest.mark.sglang
 @needs_dflash
-def test_fused_kernel_called_once_per_layer(applied, kernel_calls):
+def test_fused_kernel_called_once_per_layer(applied, emulated, kernel_calls):
     shape = cases().Shape(num_layers=3)
     _forward_all_layers(shape, 3)
     assert len(kernel_calls) == shape.num_layers
@@ -272,7 +333,7 @@ def test_fused_kernel_called_once_per_layer(applied, kernel_calls):
 
 @pytest.mark.sglang
 @needs_dflash
-def test_biases_reach_the_kernel(applied, kernel_calls):
+def test_biases_reach_the_kernel(applied, emulated, kernel_calls):
     shape = cases().Shape(num_layers=1, norm_bias="k")
     _forward_all_layers(shape, 4)
     (call,) = kernel_calls
@@ -283,7 +344,7 @@ def test_biases_reach_the_kernel(applied, kernel_calls):
 
 @pytest.mark.sglang
 @needs_dflash
-def test_interleaved_rope_stays_unfused(applied, kernel_calls):
+def test_interleaved_rope_stays_unfused(applied, emulated, kernel_calls):
     _forward_all_layers(cases().Shape(neox=False), 5)
     assert kernel_calls == []
 
@@ -293,7 +354,7 @@ def test_interleaved_rope_stays_unfused(applied, kernel_calls):
 
 @pytest.mark.sglang
 @needs_dflash
-def test_original_forward_mtp_is_causal_for_encoder_only(applied):
+def test_original_forward_mtp_is_causal_for_encoder_only(applied, emulated):
     """Unpatched, DFlash's non-causal draft layer gets the chain mask: the oracle sees it."""
     from sgl_accel.cases import compare
 
@@ -307,7 +368,7 @@ def test_original_forward_mtp_is_causal_for_encoder_only(applied):
 
 @pytest.mark.sglang
 @needs_dflash
-def test_original_draft_step_on_ascend_is_wrong(applied):
+def test_original_draft_step_on_ascend_is_wrong(applied, emulated):
     """The whole draft step with the unpatched forward_mtp differs from the oracle."""
     C = cases()
     backend = importlib.import_module(BACKEND).AscendAttnBackend
@@ -331,7 +392,7 @@ def test_original_worker_falls_back_to_flashinfer(applied, draft_backend, attent
 
 @pytest.mark.sglang
 @needs_dflash
-def test_original_replay_leaves_stale_embeddings(applied):
+def test_original_replay_leaves_stale_embeddings(applied, emulated):
     import torch
 
     C = cases()
@@ -343,7 +404,7 @@ def test_original_replay_leaves_stale_embeddings(applied):
 
 @pytest.mark.sglang
 @needs_dflash
-def test_upstream_style_layer0_cache_fails_the_case(applied, monkeypatch):
+def test_upstream_style_layer0_cache_fails_the_case(applied, emulated):
     """Rows refreshed only at layer 0 (upstream's rule) go stale when another layer sees
     new positions first; the qkv case catches that, the patch's own rule does not."""
     import torch

@@ -31,8 +31,12 @@ What they check (the patch must be applied; the original functions come from
   DFlash draft does) has the draft block's input embeddings in the graph buffer
   when the graph replays; other runners' buffers are left alone.
 
-Hardware flags: the cases assume sglang runs in Ascend mode. On CPU, the tests
-emulate it (``sglang.srt.layers.rotary_embedding.base._is_npu``); the generic
+Hardware flags and runtime: every case runs inside ``emulation()``, which puts
+sglang's rotary module in Ascend mode (``sglang.srt.layers.rotary_embedding.base._is_npu``,
+read when a ``RotaryEmbedding`` is built; unset, CPU construction imports vLLM's
+kernel) and provides global server args and a TP-1 parallel state when the
+process has none, all restored on exit. So a case is self-contained: the tests
+and ``sgl-accel verify --emulate`` run it the same way. The generic
 ``MultiPlatformOp`` dispatch stays native, so the unfused reference path runs
 torch code. KV pools are the generic ``MHATokenToKVPool``: its per-layer buffer
 ``[slots, heads, head_dim]`` views as the ``[pages, page_size, heads * head_dim]``
@@ -42,6 +46,7 @@ paged layout FIA reads, and its ``set_kv_buffer`` is plain indexing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import math
 import socket
@@ -81,29 +86,93 @@ def close(what: str, actual, expected, dtype) -> Comparison:
 # --------------------------------------------------------------------------- runtime
 
 
-def ensure_runtime() -> None:
-    """What building sglang layers needs in a bare process, set up once.
+@contextlib.contextmanager
+def runtime():
+    """What building sglang layers needs in a bare process, for the duration of the block.
 
     Global server args (the rotary and linear layers read them) and sglang's
     parallel state with tensor-parallel size 1 on a one-process gloo group.
-    Existing state (a server process, an earlier call) is left as it is.
+    Existing state (a server process, an enclosing block) is used as it is; what
+    this block set up is torn down on exit, so nested blocks are cheap and the
+    process is left as it was found.
     """
     server_args = _module("sglang.srt.server_args")
-    if getattr(server_args, "_global_server_args", None) is None:
-        server_args.set_global_server_args_for_scheduler(default_server_args())
     ps = _module("sglang.srt.distributed.parallel_state")
-    if ps.model_parallel_is_initialized():
-        return
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ps.init_distributed_environment(
-            world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", local_rank=0, backend="gloo"
-        )
-    ps.initialize_model_parallel(1, backend="gloo")
+    set_args = getattr(server_args, "_global_server_args", None) is None
+    set_parallel = not ps.model_parallel_is_initialized()
+    set_dist = set_parallel and not dist.is_initialized()
+    try:
+        if set_args:
+            server_args.set_global_server_args_for_scheduler(default_server_args())
+        if set_dist:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            ps.init_distributed_environment(
+                world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", local_rank=0, backend="gloo"
+            )
+        if set_parallel:
+            ps.initialize_model_parallel(1, backend="gloo")
+        yield
+    finally:
+        if set_parallel and ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        if set_dist:
+            ps.destroy_distributed_environment()
+        if set_args:
+            server_args._global_server_args = None
+
+
+ROTARY_MODULE = "sglang.srt.layers.rotary_embedding.base"
+ROPE_FACTORY_MODULE = "sglang.srt.layers.rotary_embedding.factory"
+
+
+@contextlib.contextmanager
+def ascend_flags():
+    """sglang's rotary module in Ascend mode for the duration of the block.
+
+    ``RotaryEmbedding.__init__`` picks its kernel from the module's platform flags:
+    off CUDA/CPU/XPU/NPU/MUSA/MPS it imports vLLM's ``rotary_embedding``. With
+    ``_is_npu`` set it keeps the native path, as on Ascend. Rotary modules built
+    meanwhile are dropped from ``get_rope``'s cache on exit: they were built for
+    the emulated platform (and carry the patch's per-forward cos/sin rows).
+    """
+    rotary = _module(ROTARY_MODULE)
+    factory = _module(ROPE_FACTORY_MODULE)
+    cache = getattr(factory, "_ROPE_DICT", None)
+    cached = set(cache) if isinstance(cache, dict) else None
+    saved = rotary.__dict__["_is_npu"]
+    rotary._is_npu = True
+    try:
+        yield
+    finally:
+        rotary._is_npu = saved
+        if cached is not None:
+            for key in [k for k in cache if k not in cached]:
+                del cache[key]
+
+
+@contextlib.contextmanager
+def emulation():
+    """Everything the cases need from the process: Ascend flags and the runtime.
+
+    Every case runs inside it (``CASES``); callers that use the builders directly
+    (tests) hold it around their own work. Re-entrant; restores on exit.
+    """
+    with ascend_flags(), runtime():
+        yield
+
+
+def _self_contained(run):
+    """``run(seed)`` inside ``emulation()``: what ``sgl-accel verify`` calls."""
+
+    def case(seed):
+        with emulation():
+            return run(seed)
+
+    return case
 
 
 def default_server_args():
@@ -113,8 +182,6 @@ def default_server_args():
     the layers built here only read plain fields (``rl_on_policy_target``,
     attention backend names), so the instance is made without it.
     """
-    import dataclasses
-
     cls = _module("sglang.srt.server_args").ServerArgs
     args = object.__new__(cls)
     for f in dataclasses.fields(cls):
@@ -210,13 +277,13 @@ def build_model(shape: Shape, seed: int):
     """A real ``DFlashDraftModel`` with deterministic random weights."""
     import torch
 
-    ensure_runtime()
     dflash = _module(DFLASH_MODULE)
     dtype = _dtype(shape.dtype)
     saved = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters and the rotary cache take the model dtype
     try:
-        model = dflash.DFlashDraftModel(draft_config(shape))
+        with emulation():  # no-op inside a case; keeps a direct call from leaking state
+            model = dflash.DFlashDraftModel(draft_config(shape))
     finally:
         torch.set_default_dtype(saved)
     gen = torch.Generator().manual_seed(seed)
@@ -687,7 +754,6 @@ def chosen_draft_backend(init, *, draft_backend: Optional[str], attention_backen
     Runs the real ``__init__`` up to the draft ``TpModelWorker``, which is replaced
     by a recorder that stops the constructor there.
     """
-    ensure_runtime()
     worker_mod = _module(WORKER_MODULE)
     server_args = default_server_args()
     server_args.speculative_draft_attention_backend = draft_backend
@@ -708,7 +774,7 @@ def chosen_draft_backend(init, *, draft_backend: Optional[str], attention_backen
         raise _Stop
 
     worker = object.__new__(worker_mod.DFlashWorker)
-    with installed_module_attr(worker_mod, "TpModelWorker", draft_worker):
+    with emulation(), installed_module_attr(worker_mod, "TpModelWorker", draft_worker):
         try:
             init(worker, server_args=server_args, gpu_id=0, tp_rank=0, dp_rank=None, moe_ep_rank=0,
                  attn_cp_rank=0, moe_dp_rank=0, nccl_port=0, target_worker=target)
@@ -857,7 +923,7 @@ QKV_SHAPES = {
     "qkv-gqa2-d64-attention-bias": dict(num_heads=4, num_kv_heads=2, head_dim=64, attention_bias=True),
 }
 
-CASES: list = [
+_CASES: list = [
     *[
         _qkv_case(name, f"fused vs unfused DFlashAttention.forward, {shape}", **shape)
         for name, shape in QKV_SHAPES.items()
@@ -897,3 +963,7 @@ CASES: list = [
     ),
     Case(PATCH_NAME, "replay-embeds", run_replay, "NPU graph replay refreshes the DFlash draft embeddings"),
 ]
+
+# Each case sets up (and afterwards restores) the emulation it needs, so that
+# ``sgl-accel verify`` can run it in a bare process.
+CASES: list = [dataclasses.replace(case, run=_self_contained(case.run)) for case in _CASES]
