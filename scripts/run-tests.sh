@@ -32,6 +32,6 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*.xml")):
             total[k] += int(suite.get(k, 0))
 failed = total["failures"] + total["errors"]
 passed = total["tests"] - failed - total["skipped"]
-print(f"sgl-accel tests: {passed} passed, {failed} failed, {total['skipped']} skipped")
+print(f"total: {passed} passed, {failed} failed, {total['skipped']} skipped")
 PY
 exit $status
