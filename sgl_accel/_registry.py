@@ -98,9 +98,6 @@ class Patch:
     def targets(self) -> list[Target]:
         return [t for part in self.parts for t in part.targets]
 
-    @property
-    def modules(self) -> list[str]:
-        return sorted({t.module for t in self.targets})
 
 
 _extra: dict[str, Patch] = {}

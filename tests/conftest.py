@@ -63,3 +63,15 @@ def accel(monkeypatch):
 
     yield use
     _loader._reset_for_tests()
+
+
+@pytest.fixture
+def standins_active():
+    """Stand-ins on for the test; switched off again if this fixture switched them on."""
+    from sgl_accel.testing import standins
+
+    was_active = standins.is_active()
+    standins.activate()
+    yield
+    if not was_active:
+        standins.deactivate()

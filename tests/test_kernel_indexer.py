@@ -204,17 +204,7 @@ def test_ops_pass_torch_library_opcheck():
     torch.library.opcheck(ref.rope_inplace, (positions, q, k, _cache(10, 8, 4), True))
 
 
-@pytest.fixture
-def active():
-    """Stand-ins on for the test; switched off again if this fixture switched them on."""
-    was_active = standins.is_active()
-    standins.activate()
-    yield
-    if not was_active:
-        standins.deactivate()
-
-
-def test_flashinfer_layernorm_stand_in_is_the_reference(active):
+def test_flashinfer_layernorm_stand_in_is_the_reference(standins_active):
     """What sglang's LayerNorm imports on CUDA (``from flashinfer.norm import layernorm``)."""
     from flashinfer.norm import layernorm
 

@@ -170,7 +170,7 @@ STARTUP_CHILD = textwrap.dedent(
     import importlib
     unimportable = []
     for name in sgl_accel.patch_names():
-        for module in sgl_accel._registry.all_patches()[name].modules:
+        for module in sgl_accel._loader.modules_of(sgl_accel._registry.all_patches()[name]):
             try:
                 importlib.import_module(module)
             except ImportError:  # e.g. 0.5.13.post1's broken nsa_backend re-export shim

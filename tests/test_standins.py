@@ -34,16 +34,6 @@ MODULES = [
 ]
 
 
-@pytest.fixture
-def active():
-    """Stand-ins on for the test; switched off again if this fixture switched them on."""
-    was_active = standins.is_active()
-    standins.activate()
-    yield
-    if not was_active:
-        standins.deactivate()
-
-
 # ---------------------------------------------------------------------------
 # With a release
 
@@ -130,7 +120,7 @@ def test_recorder_captures_real_tilelang_decode_call(sglang_release):
 # Release-free
 
 
-def test_placeholder_raises_loudly_when_called(active):
+def test_placeholder_raises_loudly_when_called(standins_active):
     import sgl_kernel
 
     with pytest.raises(standins.StandInNotImplemented, match=r"sgl_kernel\.flash_mla\.flash_mla_with_kvcache"):
@@ -144,7 +134,7 @@ def test_placeholder_raises_loudly_when_called(active):
     assert getattr(sgl_kernel, standins.MARKER)
 
 
-def test_placeholder_import_time_uses(active):
+def test_placeholder_import_time_uses(standins_active):
     from aiter import ActivationType
     from flashinfer.decode import BatchDecodeWithPagedKVCacheWrapper
     from torch_npu.contrib import transfer_to_npu  # noqa: F401
@@ -172,7 +162,7 @@ def test_placeholder_import_time_uses(active):
     assert not hasattr(torch, "npu")
 
 
-def test_activate_is_idempotent(active):
+def test_activate_is_idempotent(standins_active):
     n = sum(isinstance(f, standins._StandInFinder) for f in sys.meta_path)
     standins.activate()
     assert standins.is_active()
@@ -187,7 +177,7 @@ def _fake_kernel_module(monkeypatch, name, **functions):
     return mod
 
 
-def test_conv1d_op_is_a_real_op_mutating_conv_state(active, monkeypatch):
+def test_conv1d_op_is_a_real_op_mutating_conv_state(standins_active, monkeypatch):
     seen = {}
 
     def ascendc(x, weight, conv_state, conv_state_indices, bias=None, num_accepted_tokens=None,
@@ -217,7 +207,7 @@ def test_conv1d_op_is_a_real_op_mutating_conv_state(active, monkeypatch):
     assert torch.equal(seen["num_accepted_tokens"], acc)
 
 
-def test_fia_wiring_passes_arguments_through(active, monkeypatch):
+def test_fia_wiring_passes_arguments_through(standins_active, monkeypatch):
     received = []
 
     def record(tag, result):
@@ -256,7 +246,7 @@ def test_fia_wiring_passes_arguments_through(active, monkeypatch):
     assert tag == "fia.out" and kwargs["out"] is bufs and kwargs["workspace"] == "workspace"
 
 
-def test_python_kernels_forward_lazily(active, monkeypatch):
+def test_python_kernels_forward_lazily(standins_active, monkeypatch):
     calls = []
     _fake_kernel_module(monkeypatch, "conv1d", causal_conv1d_update_v2=lambda *a, **k: calls.append(("v2", a, k)) or "v2")
     _fake_kernel_module(monkeypatch, "split_qkv", split_qkv_rmsnorm_rope=lambda *a, **k: calls.append(("qkv", a, k)) or "qkv")
