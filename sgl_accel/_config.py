@@ -43,15 +43,15 @@ def _names(variable: str, value: str, known: list) -> list:
 
 def selection(default_on: bool) -> Selection:
     """Read the environment. Raises SettingError with one clear message on a bad value."""
-    from ._registry import all_patches
+    from ._registry import all_patches, default_names
 
     known = list(all_patches())
     raw = os.environ.get("SGL_ACCEL")
     value = (raw or "").strip()
     if raw is None or value == "":
-        patches = known if default_on else None
+        patches = default_names() if default_on else None
     elif value.lower() in ON:
-        patches = known
+        patches = default_names()
     elif value.lower() in OFF:
         patches = None
     else:

@@ -21,7 +21,7 @@ from typing import Optional
 from . import __version__
 from ._detect import Hardware, SglangInstall, detect_hardware, hardware_override, kernel_available, sglang_install
 from ._guard import SourceReader, Verdict, check_def, resolved_parts
-from ._registry import Patch, Target, all_patches, resolve_names
+from ._registry import Patch, Target, all_patches, default_names, resolve_names
 from ._report import PatchReport, Report, TargetReport, overall_state
 from ._rewrite import code_last_line, compile_def, future_flags, module_import_names, parse_def_at
 
@@ -65,7 +65,7 @@ def apply(patches=None, *, force: bool = False, allow_untested: bool = False, di
     structural guard. Targets whose module sglang has not imported yet are
     patched the moment it does (the report says ``pending-import``).
     """
-    names = resolve_names(patches)
+    names = resolve_names(patches) if patches is not None else default_names()
     disabled = set(resolve_names(list(disabled))) if disabled else set()
     allow_untested = allow_untested or os.environ.get("SGL_ACCEL_ALLOW_UNTESTED", "").strip().lower() in ("1", "true", "on", "yes")
     with _LOCK:

@@ -86,6 +86,9 @@ class Patch:
     helpers: Optional[Callable[[], dict]] = None
     # Hardware detail gate: fn(hardware_info) -> None or reason (e.g. gfx95 only).
     hardware_check: Optional[Callable] = None
+    # Opt-in patches (not checked on real hardware and changing scheduling) are applied
+    # only when named: SGL_ACCEL=name, apply([name]); SGL_ACCEL=1 and apply() skip them.
+    opt_in: bool = False
 
     def __post_init__(self):
         if self.kind not in PATCH_KINDS:
@@ -146,6 +149,11 @@ def resolve_names(names) -> list[str]:
             f"unknown sgl-accel patch name(s): {', '.join(unknown)}; valid names: {', '.join(known)}"
         )
     return list(dict.fromkeys(names))
+
+
+def default_names() -> list[str]:
+    """The patches "all" means (SGL_ACCEL=1, apply() with no names): every patch but the opt-in ones."""
+    return [name for name, patch in all_patches().items() if not patch.opt_in]
 
 
 def cases_module(name: str) -> str | None:

@@ -29,7 +29,8 @@ def cmd_list(args) -> int:
         print(json.dumps([_describe(p) for p in patches.values()], indent=2))
         return 0
     for patch in patches.values():
-        print(f"{patch.name:24} {patch.kind:8} {patch.upstream_pr:8} {'/'.join(patch.hardware):12} {patch.summary}")
+        kind = patch.kind + (" opt-in" if patch.opt_in else "")
+        print(f"{patch.name:24} {kind:15} {patch.upstream_pr:8} {'/'.join(patch.hardware):12} {patch.summary}")
     return 0
 
 
@@ -37,6 +38,7 @@ def _describe(patch) -> dict:
     return {
         "name": patch.name,
         "kind": patch.kind,
+        "opt_in": patch.opt_in,
         "upstream_pr": patch.upstream_pr,
         "hardware": list(patch.hardware),
         "kernels": list(patch.kernels),

@@ -295,3 +295,29 @@ def test_patched_function_keeps_the_target_modules_future_flags(demo):
     sgl_accel.apply(["demo-patch"])
     assert module.scale.__sgl_accel_patch__ == "demo-patch"
     assert module.scale.__annotations__ == {"v": int, "return": int}
+
+
+def test_opt_in_patch_applies_only_when_named(demo, monkeypatch):
+    from dataclasses import replace
+
+    from sgl_accel import _config
+    from sgl_accel._registry import all_patches, default_names
+
+    opt_in = replace(all_patches()["demo-patch"], name="demo-opt-in", opt_in=True)
+    register_extra(opt_in)
+    try:
+        assert "demo-opt-in" not in default_names()
+        monkeypatch.setenv("SGL_ACCEL", "1")
+        assert "demo-opt-in" not in _config.selection(default_on=False).patches
+        monkeypatch.setenv("SGL_ACCEL", "demo-opt-in")
+        assert _config.selection(default_on=False).patches == ["demo-opt-in"]
+        module = importlib.import_module(demo)
+        report = sgl_accel.apply()
+        assert "demo-opt-in" not in report.states() and report["demo-patch"].state == "applied"
+        sgl_accel.revert(["demo-patch"])
+        assert _is_original(module)
+        assert sgl_accel.apply(["demo-opt-in"])["demo-opt-in"].state == "applied"
+        assert _is_patched(module)
+    finally:
+        sgl_accel.revert(["demo-opt-in"])
+        unregister_extra("demo-opt-in")
