@@ -312,8 +312,8 @@ def _case(name: str, description: str, **kwargs) -> Case:
 CASES: list = [
     _case(
         "chunk2-bs1-gqa4-d128",
-        "second chunk of a chunked prefill: 256 cached tokens (2 pages), 200 new, bf16",
-        prefix_lens=[256], extend_lens=[200], num_heads=8, num_kv_heads=2, head_dim=128,
+        "second chunk of a chunked prefill: 256 cached tokens (2 pages), 96 new, bf16",
+        prefix_lens=[256], extend_lens=[96], num_heads=8, num_kv_heads=2, head_dim=128,
     ),
     _case(
         "radix-mixed-bs4-gqa8-d64",
