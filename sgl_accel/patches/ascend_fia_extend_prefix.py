@@ -1,7 +1,7 @@
 """Ascend FIA prefill that attends to each request's cached prefix (upstream #22020).
 
 What it changes: with ``ASCEND_USE_FIA=1``, ``AscendAttnBackend.forward_extend`` of
-sglang 0.5.10.post1 and 0.5.11 (non-MLA, non-CP branch) calls
+sglang 0.5.7 to 0.5.11 (non-MLA, non-CP branch) calls
 ``npu_fused_infer_attention_score`` once per request, in BSND layout, over that
 request's *new* q/k/v only. A request with a cached prefix (every chunk after the
 first under chunked prefill, every radix-cache hit) therefore attends to its new
@@ -17,10 +17,11 @@ some request of the batch has a prefix, one paged call over the KV cache:
   bottom-right corner, so new token i of a request sees its prefix and new tokens <= i.
 
 When no request has a prefix (every request's KV length equals its query length)
-the release's per-request call runs unchanged: it is correct there, does the same
-work as before and gives the same bits, and it keeps the layout (BSND over the
-fresh k/v) that the release was shipped and tuned with. The choice is made from the
-very lengths the paged call would be given, so the two can never disagree.
+the release's per-request call runs unchanged: it is correct there, runs the same
+ops and kernel calls as before and gives the same bits (the tests count them). No
+NPU measurement says the paged call is at least as fast on such batches, so it is
+not used there. The choice is made from the very lengths the paged call would be
+given, so the two cannot disagree.
 
 Why: ``ASCEND_USE_FIA=1`` is what Ascend context parallelism and graph mode need, so
 those deployments get wrong prefill outputs as soon as chunked prefill or the radix
@@ -28,9 +29,14 @@ cache is on.
 
 Upstream: open PR #22020 describes the defect; 0.5.12.post1 ships the corrected
 form (one paged TND call, padded tokens trimmed), which the ``upstream`` marker
-below recognises. Releases: the per-request form is in 0.5.10.post1 and 0.5.11
-(the compatibility matrix lists what the scanner finds); 0.5.12.post1 and later
-report ``upstream``. Drop this patch once no supported release predates 0.5.12.
+below recognises.
+
+Releases: the per-request form is in 0.5.7 to 0.5.11 (the compatibility matrix
+lists what the scanner finds); the test suite runs the patch on 0.5.10.post1 and
+0.5.11, and its cases were run once on 0.5.7, 0.5.8 and 0.5.9. 0.5.12.post1 and
+later report ``upstream``. 0.5.6 and earlier keep the backend in
+``sglang.srt.layers.attention`` and are not covered. Drop this patch once no
+supported release predates 0.5.12.
 """
 
 import ast
@@ -123,30 +129,25 @@ def _indent(block: str, levels: int = 1) -> str:
     return textwrap.indent(textwrap.dedent(block).strip("\n"), "    " * levels)
 
 
-# The non-MLA FIA branch is told apart from the MLA one (which has the same
-# per-request body, used there only without prefix) by its ``if self.use_fia:``
-# header and the three statements of its non-FIA ``else``.
-_FIND = f"""
-if self.use_fia:
+# The per-request body, or the paged call when some request has a cached prefix.
+_BY_PREFIX = f"""
+fia_lengths = _sgl_accel_fia_prefix_lengths(forward_batch, self.forward_metadata)
+if fia_lengths is None:
 {_indent(_PER_REQUEST)}
 else:
-    __plain_1
-    __plain_2
-    __plain_3
+{_indent(_PAGED)}
 """
 
-_REPLACE = f"""
-if self.use_fia:
-    fia_lengths = _sgl_accel_fia_prefix_lengths(forward_batch, self.forward_metadata)
-    if fia_lengths is None:
-{_indent(_PER_REQUEST, 2)}
-    else:
-{_indent(_PAGED, 2)}
-else:
-    __plain_1
-    __plain_2
-    __plain_3
-"""
+
+def _is_fia_branch(node) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) == "self.use_fia"
+
+
+def _rewrite_fia_branch(func) -> int:
+    """Apply the rewrite inside ``if self.use_fia:`` bodies only: the MLA branch has the
+    same per-request statements (used there only without a prefix) and stays as it is."""
+    rule = Rule("per-request FIA body", find=_PER_REQUEST, replace=_BY_PREFIX)
+    return sum(rule.apply(node) for node in list(ast.walk(func)) if _is_fia_branch(node))
 
 
 def _paged_prefill_calls(func) -> int:
@@ -155,7 +156,7 @@ def _paged_prefill_calls(func) -> int:
     Keyword order and the op's namespace (``torch_npu`` / ``torch.ops.npu``) do not matter."""
     hits = 0
     for node in ast.walk(func):
-        if not (isinstance(node, ast.If) and ast.unparse(node.test) == "self.use_fia"):
+        if not _is_fia_branch(node):
             continue
         for statement in node.body:
             for call in ast.walk(statement):
@@ -182,7 +183,7 @@ PATCH = Patch(
         "TND call over the KV cache when a request has a prefix (chunked prefill, radix-cache hits)"
     ),
     hardware=("ascend",),
-    releases=">=0.5.10",
+    releases=">=0.5.7",
     parts=[
         Part(
             "fia-extend",
@@ -191,11 +192,10 @@ PATCH = Patch(
                     BACKEND_MODULE,
                     "AscendAttnBackend.forward_extend",
                     rules=[
-                        Rule(
-                            "per-request FIA over the new tokens -> one paged TND call over "
-                            "prefix + new tokens when some request has a cached prefix",
-                            find=_FIND,
-                            replace=_REPLACE,
+                        Custom(
+                            "FIA prefill branch: per-request call over the new tokens -> one paged TND "
+                            "call over prefix + new tokens when some request has a cached prefix",
+                            _rewrite_fia_branch,
                         ),
                     ],
                     upstream=[Custom("paged TND FIA call in the FIA prefill branch", _paged_prefill_calls)],
