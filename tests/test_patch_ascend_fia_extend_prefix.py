@@ -302,6 +302,27 @@ def test_prefix_batch_makes_one_paged_call(patched):
 
 @pytest.mark.sglang
 @needs_per_request_form
+def test_decode_batch_run_as_extend(patched):
+    """DP attention runs a decode batch as EXTEND when another rank extends
+    (ForwardBatch.prepare_mlp_sync_batch): one new token per request, the rest of the
+    sequence cached, lengths as CPU tensors. The original attends to the new token
+    alone; the patched call sees the whole sequence."""
+    import torch
+
+    new, original = patched
+    C = cases()
+    built = C.build(C.Scenario(prefix_lens=[40, 300, 7], extend_lens=[1, 1, 1], num_heads=4, num_kv_heads=2, head_dim=64, dtype="float32"), "cpu")
+    batch = built.forward_batch
+    batch.extend_seq_lens_cpu = torch.tensor(batch.extend_seq_lens_cpu)
+    batch.extend_prefix_lens_cpu = torch.tensor(batch.extend_prefix_lens_cpu)
+    expected = sdpa_oracle(built)
+    tol = tolerance(built, expected)
+    assert (C.run(new, built).double() - expected).abs().max() <= tol
+    assert (C.run(original, built).double() - expected).abs().max() > tol
+
+
+@pytest.mark.sglang
+@needs_per_request_form
 def test_apply_then_import_and_verify_emulate():
     """The SGL_ACCEL path in a fresh interpreter: the start-up hook waits for the
     backend module, patches it on import, and ``sgl-accel verify --emulate`` passes."""

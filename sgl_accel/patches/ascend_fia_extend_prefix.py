@@ -16,12 +16,11 @@ some request of the batch has a prefix, one paged call over the KV cache:
 * ``sparse_mode=3`` with the backend's 2048x2048 mask: causal aligned to the
   bottom-right corner, so new token i of a request sees its prefix and new tokens <= i.
 
-When no request has a prefix (every request's KV length equals its query length)
-the release's per-request call runs unchanged: it is correct there, runs the same
-ops and kernel calls as before and gives the same bits (the tests count them). No
-NPU measurement says the paged call is at least as fast on such batches, so it is
-not used there. The choice is made from the very lengths the paged call would be
-given, so the two cannot disagree.
+When no request has a prefix the release's per-request call runs unchanged: it is
+correct there, runs the same ops and kernel calls as before and gives the same bits
+(the tests count them); the only addition is ``any()`` over the batch's prefix
+lengths, the release's own field for that question. No NPU measurement says the
+paged call is at least as fast on such batches, so it is not used there.
 
 Why: ``ASCEND_USE_FIA=1`` is what Ascend context parallelism and graph mode need, so
 those deployments get wrong prefill outputs as soon as chunked prefill or the radix
@@ -51,16 +50,12 @@ FIA_OP = "npu_fused_infer_attention_score"
 def _helpers():
     from itertools import accumulate
 
-    def _sgl_accel_fia_prefix_lengths(forward_batch, metadata):
-        """(cumulative query ends, per-request KV lengths) as Python int lists, or None
-        when no request has a cached prefix (each KV length equals its query length)."""
-        q_lens = [int(n) for n in forward_batch.extend_seq_lens_cpu]
-        kv_lens = [int(n) for n in metadata.seq_lens_cpu_int.tolist()]
-        if kv_lens == q_lens:
-            return None
-        return list(accumulate(q_lens)), kv_lens
+    def _sgl_accel_fia_paged_lengths(forward_batch, metadata):
+        """(cumulative query ends, per-request KV lengths with the prefix) as Python int lists."""
+        q_ends = list(accumulate(int(n) for n in forward_batch.extend_seq_lens_cpu))
+        return q_ends, [int(n) for n in metadata.seq_lens_cpu_int.tolist()]
 
-    return {"_sgl_accel_fia_prefix_lengths": _sgl_accel_fia_prefix_lengths}
+    return {"_sgl_accel_fia_paged_lengths": _sgl_accel_fia_paged_lengths}
 
 
 # The release's per-request branch, statement for statement.
@@ -96,7 +91,7 @@ attn_output = attn_output.view(
 
 # One paged TND call over the KV cache; the lengths include every request's prefix.
 _PAGED = """
-fia_q_ends, fia_kv_lens = fia_lengths
+fia_q_ends, fia_kv_lens = _sgl_accel_fia_paged_lengths(forward_batch, self.forward_metadata)
 q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
 fia_num_tokens = q.shape[0]
 attn_output, _ = torch.ops.npu.npu_fused_infer_attention_score(
@@ -129,13 +124,14 @@ def _indent(block: str, levels: int = 1) -> str:
     return textwrap.indent(textwrap.dedent(block).strip("\n"), "    " * levels)
 
 
-# The per-request body, or the paged call when some request has a cached prefix.
+# The paged call when some request has a cached prefix, else the per-request body.
+# ``any(extend_prefix_lens_cpu)`` is the release's own test for a cached prefix
+# (its MLA branch and init_forward_metadata ask ``sum(...) > 0``).
 _BY_PREFIX = f"""
-fia_lengths = _sgl_accel_fia_prefix_lengths(forward_batch, self.forward_metadata)
-if fia_lengths is None:
-{_indent(_PER_REQUEST)}
-else:
+if any(forward_batch.extend_prefix_lens_cpu):
 {_indent(_PAGED)}
+else:
+{_indent(_PER_REQUEST)}
 """
 
 
