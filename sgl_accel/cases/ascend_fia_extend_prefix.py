@@ -31,6 +31,7 @@ patched one's ``__sgl_accel_original__``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import types
@@ -141,9 +142,24 @@ def make_backend(page_size: int, device: str, dtype):
     backend.speculative_num_draft_tokens = None
     backend.speculative_step_id = 0
     masks = backend_mod.AscendAttnMaskBuilder(types.SimpleNamespace(dtype=dtype), device, True, False)
-    backend.mask, backend.fia_mask, backend.mtp_mask = masks.mask, masks.fia_mask, masks.mtp_mask
-    backend.mix_mask = masks.mixed_chunk_attn_mask
+    backend.mask, backend.fia_mask = masks.mask, masks.fia_mask
     return backend
+
+
+@contextlib.contextmanager
+def attention_tp_size_known():
+    """0.5.6.post1's ``init_forward_metadata`` asks for the attention TP size, which a bare
+    process (``sgl-accel verify --emulate``) has not set: 1 for the block, then restored.
+    Later releases read it from the parallel state and never call this path."""
+    dp_attention = _module("sglang.srt.layers.dp_attention")
+    unset = "_ATTN_TP_SIZE" in vars(dp_attention) and dp_attention._ATTN_TP_SIZE is None
+    if unset:
+        dp_attention._ATTN_TP_SIZE = 1
+    try:
+        yield
+    finally:
+        if unset:
+            dp_attention._ATTN_TP_SIZE = None
 
 
 def _forward_batch(**values):
@@ -242,7 +258,8 @@ def build(scenario: Scenario, device: Optional[str] = None) -> Built:
         attn_backend=backend,
         num_token_non_padded_cpu=sum(extend),
     )
-    backend.init_forward_metadata(forward_batch)
+    with attention_tp_size_known():
+        backend.init_forward_metadata(forward_batch)
     return Built(
         scenario=sc,
         backend=backend,

@@ -1,7 +1,7 @@
 """Ascend FIA prefill that attends to each request's cached prefix (upstream #22020).
 
 What it changes: with ``ASCEND_USE_FIA=1``, ``AscendAttnBackend.forward_extend`` of
-sglang 0.5.7 to 0.5.11 (non-MLA, non-CP branch) calls
+sglang 0.5.6.post1 to 0.5.11 (non-MLA, non-CP branch) calls
 ``npu_fused_infer_attention_score`` once per request, in BSND layout, over that
 request's *new* q/k/v only. A request with a cached prefix (every chunk after the
 first under chunked prefill, every radix-cache hit) therefore attends to its new
@@ -30,12 +30,12 @@ Upstream: open PR #22020 describes the defect; 0.5.12.post1 ships the corrected
 form (one paged TND call, padded tokens trimmed), which the ``upstream`` marker
 below recognises.
 
-Releases: the per-request form is in 0.5.7 to 0.5.11 (the compatibility matrix
-lists what the scanner finds); the test suite runs the patch on 0.5.10.post1 and
-0.5.11, and its cases were run once on 0.5.7, 0.5.8 and 0.5.9. 0.5.12.post1 and
-later report ``upstream``. 0.5.6 and earlier keep the backend in
-``sglang.srt.layers.attention`` and are not covered. Drop this patch once no
-supported release predates 0.5.12.
+Releases: the scanner finds the per-request form in 0.5.6.post1 to 0.5.11 (see the
+compatibility matrix); the test suite runs the patch on 0.5.10.post1 and 0.5.11,
+and its cases were run once on each of 0.5.6.post1, 0.5.6.post2, 0.5.7, 0.5.8,
+0.5.8.post1, 0.5.9 and 0.5.10. 0.5.12 and later report ``upstream``. 0.5.6 and
+earlier keep the backend in ``sglang.srt.layers.attention`` and are not covered.
+Drop this patch once no supported release predates 0.5.12.
 """
 
 import ast
@@ -179,7 +179,7 @@ PATCH = Patch(
         "TND call over the KV cache when a request has a prefix (chunked prefill, radix-cache hits)"
     ),
     hardware=("ascend",),
-    releases=">=0.5.7",
+    releases=">=0.5.6.post1",
     parts=[
         Part(
             "fia-extend",
