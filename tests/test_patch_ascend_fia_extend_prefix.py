@@ -206,6 +206,17 @@ def test_state_on_ascend(accel, backend_module):
         assert installed_forward_extend() is before
 
 
+@pytest.mark.sglang
+@needs_per_request_form
+def test_applies_under_tested_source_policy(accel, backend_module):
+    """Without SGL_ACCEL_ALLOW_UNTESTED: the scanner's matrix knows these releases' target."""
+    import sgl_accel
+
+    accel("ascend")
+    report = sgl_accel.apply([NAME])[NAME]
+    assert report.state == "applied", report.reason
+
+
 # --------------------------------------------------------------------------- the fix
 
 
