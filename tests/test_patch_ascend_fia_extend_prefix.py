@@ -361,6 +361,20 @@ print(json.dumps(dict(startup="sgl_accel._startup" in sys.modules, pending=pendi
     assert out["outcome"] == "pass" and out["reason"].startswith(f"{n}/{n} "), (out["reason"], out["failed"])
 
 
+@pytest.mark.sglang
+@needs_per_request_form
+def test_bench_case_leaves_the_process_unpatched(accel, backend_module):
+    """``sgl-accel bench``'s case takes the patched function through apply()/revert()."""
+    import torch
+
+    accel("ascend")
+    before = installed_forward_extend()
+    (case,) = cases().BENCH
+    original, patched = case.setup("cpu")
+    assert installed_forward_extend() is before
+    assert torch.equal(original(), patched())
+
+
 # --------------------------------------------------------------------------- upstream's corrected form
 
 

@@ -150,7 +150,7 @@ def make_backend(page_size: int, device: str, dtype):
 def attention_tp_size_known():
     """0.5.6.post1's ``init_forward_metadata`` asks for the attention TP size, which a bare
     process (``sgl-accel verify --emulate``) has not set: 1 for the block, then restored.
-    Later releases read it from the parallel state and never call this path."""
+    Where the module variable does not exist (0.5.10 on) nothing is touched."""
     dp_attention = _module("sglang.srt.layers.dp_attention")
     unset = "_ATTN_TP_SIZE" in vars(dp_attention) and dp_attention._ATTN_TP_SIZE is None
     if unset:
@@ -355,3 +355,45 @@ CASES: list = [
         prefix_lens=[0, 0, 0], extend_lens=[1, 90, 33], num_heads=4, num_kv_heads=2, head_dim=128,
     ),
 ]
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def bench_pair(scenario: Scenario, device: str):
+    """(original, patched): one ``forward_extend`` call each on the same built batch.
+
+    When the patch is not applied it is applied (gates forced) just long enough to take
+    the patched function, then reverted: the process is left as it was."""
+    try:
+        patched, original = functions()
+    except RuntimeError:
+        import sgl_accel
+
+        report = sgl_accel.apply([PATCH_NAME], force=True, allow_untested=True)[PATCH_NAME]
+        if report.state != "applied":
+            raise RuntimeError(f"{PATCH_NAME} is {report.state}: {report.reason}") from None
+        patched, original = functions()
+        sgl_accel.revert([PATCH_NAME])
+    built = build(scenario, device)
+    run(original, built)  # one-time costs (the FIA model checks its mask template once) before counting
+    return (lambda: run(original, built)), (lambda: run(patched, built))
+
+
+def _bench_cases() -> list:
+    try:
+        from sgl_accel._bench import BenchCase
+    except ImportError:  # an sgl_accel without the bench module
+        return []
+    no_prefix = Scenario(prefix_lens=[0, 0, 0, 0], extend_lens=[16, 64, 8, 100], num_heads=8, num_kv_heads=2)
+    return [
+        BenchCase(
+            PATCH_NAME,
+            "forward_extend no prefix b4 gqa4 d128 bf16",
+            lambda device: bench_pair(no_prefix, device),
+            "a batch without cached prefix keeps the release's per-request path: expected ratio 1",
+        )
+    ]
+
+
+BENCH: list = _bench_cases()

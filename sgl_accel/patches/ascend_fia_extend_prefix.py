@@ -118,10 +118,10 @@ if attn_output.shape[0] < fia_num_tokens:
 """
 
 
-def _indent(block: str, levels: int = 1) -> str:
+def _indent(block: str) -> str:
     import textwrap
 
-    return textwrap.indent(textwrap.dedent(block).strip("\n"), "    " * levels)
+    return textwrap.indent(textwrap.dedent(block).strip("\n"), "    ")
 
 
 # The paged call when some request has a cached prefix, else the per-request body.
