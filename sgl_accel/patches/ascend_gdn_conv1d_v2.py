@@ -43,13 +43,15 @@ Behaviour the kernel brings, decided here:
   costs more than the patch saves and breaks graph capture. Disable the patch
   (SGL_ACCEL_DISABLE=ascend-gdn-conv1d-v2) for a model whose conv inputs reach 6.5e4.
 
-Releases (scanner + tests): 0.5.11 applies; 0.5.12.post1 and 0.5.13.post1 already call v2
-(upstream); 0.5.10.post1 has no ascend_gdn_backend. Drop this patch once no supported
-release predates 0.5.12.post1.
+Releases (scanner + tests): 0.5.11 applies; 0.5.12 to 0.5.17 already call v2 (upstream);
+from 0.5.18 the verify branch calls the AscendC ``torch.ops.npu.causal_conv1d`` op
+(``run_mode=1``: conv and conv-state update of the packed draft tokens in one op), which
+replaces both update kernels (``replaced``); 0.5.10.post1 and older have no
+ascend_gdn_backend. Drop this patch once no supported release predates 0.5.12.
 """
 
 from sgl_accel._registry import Part, Patch, Target
-from sgl_accel._rewrite import Present, Rule
+from sgl_accel._rewrite import Custom, Present, Rule
 
 MODULE = "sglang.srt.hardware_backend.npu.attention.ascend_gdn_backend"
 QUALNAME = "AscendGDNAttnBackend.forward_extend"
@@ -79,6 +81,25 @@ _RULES = [
     ),
 ]
 
+def _verify_on_fused_ascendc_conv(def_node) -> int:
+    """Calls of the AscendC ``torch.ops.npu.causal_conv1d`` op in decode/verify mode (``run_mode=1``)."""
+    import ast
+
+    found = 0
+    for node in ast.walk(def_node):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.ops.npu.causal_conv1d":
+            found += any(k.arg == "run_mode" and isinstance(k.value, ast.Constant) and k.value.value == 1 for k in node.keywords)
+    return found
+
+
+# 0.5.18+: the verify branch runs the AscendC causal_conv1d op (one op for conv + state update
+# over the packed tokens, run_mode=1) instead of either causal_conv1d_update form.
+_REPLACED_BY_FUSED_OP = (
+    Custom("torch.ops.npu.causal_conv1d(..., run_mode=1)", _verify_on_fused_ascendc_conv),
+    "the verify conv runs on the AscendC causal_conv1d op (run_mode=1), which replaces "
+    "causal_conv1d_update and its v2 form and does the same job in one op",
+)
+
 PATCH = Patch(
     name="ascend-gdn-conv1d-v2",
     upstream_pr="#24595",
@@ -97,6 +118,7 @@ PATCH = Patch(
                     rules=_RULES,
                     # Any use of the v2 kernel's name in forward_extend: the release has the change.
                     upstream=["causal_conv1d_update_v2"],
+                    replaced=[_REPLACED_BY_FUSED_OP],
                 )
             ],
         )
