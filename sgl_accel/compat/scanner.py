@@ -64,23 +64,20 @@ def scan_tree(sglang_root: str, version: str) -> dict:
 
 
 def _target_entry(target_report, sglang_root: str) -> dict:
-    module, _ = target_report.target.split(":", 1)
-    return {
-        "state": target_report.state,
-        "file": source_file(module, sglang_root),
-        "reason": target_report.reason,
-        "fingerprint": target_report.fingerprint,
-    }
-
-
-def source_file(module: str, sglang_root: str) -> str:
-    """The module's file relative to site-packages (``sglang/srt/...py``), or what it would be."""
+    """A target's state, file (relative to site-packages), reason and fingerprint."""
     from .._guard import module_file
 
+    module, qualname = target_report.target.split(":", 1)
     path = module_file(module, sglang_root)
-    if path is not None:
-        return path.relative_to(Path(sglang_root).parent).as_posix()
-    return "/".join(module.split(".")) + ".py (no such file)"
+    reason = target_report.reason
+    if path is None:
+        file = "/".join(module.split(".")) + ".py"
+        reason = f"no such file (looked for {qualname})"
+    else:
+        file = path.relative_to(Path(sglang_root).parent).as_posix()
+        if target_report.state == "absent":
+            reason = f"{qualname} is not defined there"
+    return {"state": target_report.state, "file": file, "reason": reason, "fingerprint": target_report.fingerprint}
 
 
 def cell(patch, report, targets: dict, sglang_root: str, version: str) -> tuple[str, str]:
