@@ -28,7 +28,8 @@ OLDER_FORM = "older-form"
 class SourceCheck:
     """A marker that also reads other modules of the release: ``check(def_node, reader) -> int``
     (sites found). ``modules``: what it reads, so the scanner extracts them from a wheel.
-    Without a reader (no source to read) it finds nothing."""
+    Without a reader (no source to read) it finds nothing. In ``Target.older`` it is also
+    asked when the target does not exist (``def_node`` None): the older form lives elsewhere."""
 
     description: str
     check: object
@@ -47,7 +48,7 @@ class Verdict:
 def check_def(target, def_node, reader=None) -> Verdict:
     """``reader``: a SourceReader of the release, for SourceCheck markers."""
     if def_node is None:
-        return Verdict("absent", f"{target.qualname} not found in {target.module}")
+        return _absent_or_older_elsewhere(target, reader)
     fp = fingerprint(def_node)
     index = NodeIndex(def_node)
     for marker in target.upstream:
@@ -70,6 +71,15 @@ def check_def(target, def_node, reader=None) -> Verdict:
                 return Verdict(OLDER_FORM, f"{target.qualname}: {why}", fp, def_node)
         return Verdict("drifted", f"{target.qualname}: " + "; ".join(problems), fp, def_node)
     return Verdict("applies", f"{target.qualname} has the expected shape", fp, def_node, patched)
+
+
+def _absent_or_older_elsewhere(target, reader) -> Verdict:
+    """A missing target is "absent", unless an ``older`` SourceCheck finds (with no def to
+    read: ``check(None, reader)``) the older form of that code elsewhere in the release."""
+    for marker, why in target.older:
+        if isinstance(marker, SourceCheck) and reader is not None and marker.check(None, reader):
+            return Verdict(OLDER_FORM, f"{target.qualname}: {why}")
+    return Verdict("absent", f"{target.qualname} not found in {target.module}")
 
 
 def _marker_hits(marker, def_node, index, reader=None) -> int:

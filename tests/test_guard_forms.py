@@ -78,3 +78,17 @@ def test_a_source_check_marker_reads_another_module_of_the_release(tmp_path):
 
     assert check_def(target, static_def(target, yes)).state == "drifted"
     assert check_def(target, static_def(target, yes), SourceReader(yes)).state == "upstream"
+
+
+def _generic_module_has_slower(def_node, reader) -> int:
+    tree = reader.module("sglang.generic")
+    return int(def_node is None and tree is not None and "slower" in ast.unparse(tree))
+
+
+def test_an_absent_target_whose_older_form_lives_elsewhere_is_named(tmp_path):
+    elsewhere = SourceCheck("generic module runs slower()", _generic_module_has_slower, modules=("sglang.generic",))
+    target = Target("sglang.a", "work", rules=[RULE], older=[(elsewhere, "older form: the generic module runs slower()")])
+    root = _tree(tmp_path / "g", {"generic.py": "def run(x):\n    return slower(x)\n"})
+    verdict = check_static(target, root)
+    assert (verdict.state, verdict.reason) == (OLDER_FORM, "work: older form: the generic module runs slower()")
+    assert check_static(target, _tree(tmp_path / "n", {"generic.py": "def run(x):\n    return x\n"})).state == "absent"

@@ -56,7 +56,7 @@ _REPORTED_AS = {
     "upstream": "upstream",
     "replaced": "skipped",
     "not-needed": "not-applicable",
-    "older-form": "skipped",
+    "older-form": "not-applicable",
     "not-applicable": "not-applicable",
     "absent": "not-applicable",
     "drifted": "skipped",

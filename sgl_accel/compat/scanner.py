@@ -69,14 +69,10 @@ def _target_entry(target_report, sglang_root: str) -> dict:
 
     module, qualname = target_report.target.split(":", 1)
     path = module_file(module, sglang_root)
+    file = path.relative_to(Path(sglang_root).parent).as_posix() if path else "/".join(module.split(".")) + ".py"
     reason = target_report.reason
-    if path is None:
-        file = "/".join(module.split(".")) + ".py"
-        reason = f"no such file (looked for {qualname})"
-    else:
-        file = path.relative_to(Path(sglang_root).parent).as_posix()
-        if target_report.state == "absent":
-            reason = f"{qualname} is not defined there"
+    if target_report.state == "absent":
+        reason = f"{qualname} is not defined there" if path else f"no such file (looked for {qualname})"
     return {"state": target_report.state, "file": file, "reason": reason, "fingerprint": target_report.fingerprint}
 
 
