@@ -196,7 +196,7 @@ def _plan(release: str) -> dict:
         keys = expectation(name, release, exercise.force).keys
         spec = groups.setdefault(exercise.hardware, {"patches": [], "modules": []})
         spec["patches"].append({"name": name, "force": exercise.force, "keys": list(keys)})
-        spec["modules"] += [key.split(":")[0] for key in keys if key.split(":")[0] not in spec["modules"]]
+        spec["modules"] = list(dict.fromkeys(spec["modules"] + [key.split(":")[0] for key in keys]))
     return groups
 
 
@@ -246,14 +246,6 @@ def _scenario_result(observed, scenario: str, hardware: str) -> dict:
 
 def _check_step(step: str, entry: dict, expect: Expect, scenario: str) -> None:
     where = f"after {step} ({scenario})"
-    for view in ("status", "returned"):
-        if view in entry:
-            record = entry[view]
-            applied = {k for k, s in record["targets"].items() if s == "applied"}
-            rewritten = expect.rewritten if record["state"] == "applied" else frozenset()
-            assert applied == set(rewritten), f"{where}: {view} report lists applied targets {applied}, expected {set(rewritten)}"
-    if "returned" in entry:
-        assert entry["returned"]["state"] == entry["status"]["state"], f"{where}: the call returned another state than status()"
     state, reason = entry["status"]["state"], entry["status"]["reason"]
     if step in REVERTED:
         wanted = {key: "original" for key in expect.keys}
@@ -263,6 +255,14 @@ def _check_step(step: str, entry: dict, expect: Expect, scenario: str) -> None:
         assert state == expect.state, f"{where}: state {state} ({reason}), the matrix says {expect.state}"
     assert entry["objects"] == wanted, f"{where}: live objects {entry['objects']}, expected {wanted} (state {state}: {reason})"
     assert all(entry["pristine"].values()), f"{where}: a remembered original carries sgl-accel's mark: {entry['pristine']}"
+    # The report names as applied exactly the targets that are rewritten.
+    rewritten = {key for key, what in wanted.items() if what == "rewritten"}
+    for view in ("status", "returned"):
+        if view in entry:
+            applied = {key for key, s in entry[view]["targets"].items() if s == "applied"}
+            assert applied == rewritten, f"{where}: the {view} report lists applied targets {applied}, the objects say {rewritten}"
+    if "returned" in entry:
+        assert entry["returned"]["state"] == state, f"{where}: the call returned {entry['returned']['state']}, status() says {state}"
 
 
 def _check_before_import(entry: dict, name: str, forced: bool) -> None:
@@ -317,3 +317,68 @@ def test_scenario_processes_log_no_warning(observed, scenario):
     for hardware, run in runs.items():
         assert run["rc"] == 0, run["stderr"]
         assert run["warnings"] == [], f"{scenario} ({hardware}) logged: {run['warnings']}"
+
+
+# --------------------------------------------------------------------------- the checks can fail
+
+
+def _function(source: str, filename: str):
+    namespace: dict = {}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace["target"]
+
+
+def test_classify_tells_rewritten_original_and_strays_apart():
+    from patch_orders_child import classify
+
+    original = _function("def target():\n    return 1\n", "sglang_module.py")
+    rewritten = _function("def target():\n    return 2\n", "sglang_module.py")
+    rewritten.__sgl_accel_original__ = original
+    assert classify(original, original) == "original"
+    assert classify(rewritten, original) == "rewritten"
+    raw_original = staticmethod(original)  # the mark names the raw object from the owner's __dict__
+    raw_rewritten = staticmethod(_function("def target():\n    return 2\n", "sglang_module.py"))
+    raw_rewritten.__func__.__sgl_accel_original__ = raw_original
+    assert classify(raw_rewritten, raw_original) == "rewritten"
+    assert classify(None, original) == "missing from its owner"
+    stray = _function("def target():\n    return 2\n", "sglang_module.py")
+    assert "foreign" in classify(stray, original)
+    other = _function("def target():\n    return 3\n", "sglang_module.py")
+    assert "not the original" in classify(rewritten, other)
+    elsewhere = _function("def target():\n    return 2\n", "somewhere_else.py")
+    elsewhere.__sgl_accel_original__ = original
+    assert "compiled from" in classify(elsewhere, original)
+    import functools
+
+    @functools.wraps(original)
+    def wrapper():  # a wrapper frame around the very original code is no rewrite
+        return original()
+
+    wrapper.__sgl_accel_original__ = original
+    assert classify(wrapper, original) == "carries the original's code object: not a rewrite"
+
+
+def _entry(state, objects, applied_targets=()):
+    return {
+        "status": {"state": state, "reason": "", "targets": {k: "applied" for k in applied_targets}},
+        "objects": objects,
+        "pristine": {k: True for k in objects},
+    }
+
+
+def test_check_step_refuses_a_mix_and_a_report_that_disagrees_with_the_objects():
+    expect = Expect("applied", ("m:A.f", "m:A.g"), frozenset({"m:A.f", "m:A.g"}))
+    both = {"m:A.f": "rewritten", "m:A.g": "rewritten"}
+    _check_step("import-then-apply", _entry("applied", both, both), expect, "import-first")
+    mixed = {"m:A.f": "rewritten", "m:A.g": "original"}
+    with pytest.raises(AssertionError, match="live objects"):
+        _check_step("import-then-apply", _entry("applied", mixed, both), expect, "import-first")
+    with pytest.raises(AssertionError, match="lists applied targets"):
+        _check_step("import-then-apply", _entry("applied", both, ["m:A.f"]), expect, "import-first")
+    originals = {"m:A.f": "original", "m:A.g": "original"}
+    _check_step("revert", _entry("skipped", originals), expect, "import-first")
+    with pytest.raises(AssertionError, match="with the originals in place"):
+        _check_step("revert", _entry("applied", originals), expect, "import-first")
+    upstream = Expect("upstream", ("m:A.f",), frozenset())
+    with pytest.raises(AssertionError, match="live objects"):
+        _check_step("import-then-apply", _entry("upstream", {"m:A.f": "rewritten"}), upstream, "import-first")
