@@ -74,11 +74,12 @@ NOT_EXERCISED: dict[str, str] = {}
 # Order -> (scenario process, the steps of that process it is judged on).
 ORDERS = {
     "import-then-apply": ("import-first", ("imported", "import-then-apply")),
-    "apply-then-import": ("apply-first", ("before-import", "apply-then-import")),
+    "apply-then-import": ("apply-first", ("before-import", "apply-then-import", "revert-after-import")),
     "apply-twice": ("import-first", ("import-then-apply", "apply-twice")),
     "revert-twice": ("import-first", ("revert", "revert-twice")),
     "revert-without-apply": ("import-first", ("revert-without-apply",)),
     "apply-after-revert": ("import-first", ("revert", "apply-after-revert", "revert-after-reapply")),
+    "apply-after-revert-on-import-path": ("apply-first", ("revert-after-import", "apply-after-revert", "revert-after-reapply")),
     "spawn-child": ("spawn", ("before-import", "spawn-child")),
 }
 # Steps after a revert: every target is the identical original.
