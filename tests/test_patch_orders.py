@@ -82,8 +82,8 @@ ORDERS = {
     "apply-after-revert-on-import-path": ("apply-first", ("revert-after-import", "apply-after-revert", "revert-after-reapply")),
     "spawn-child": ("spawn", ("before-import", "spawn-child")),
 }
-# Steps after a revert: every target is the identical original.
-REVERTED = ("revert-without-apply", "revert", "revert-twice", "revert-after-reapply", "revert-after-import", "imported")
+# Steps after which every target must be the identical original (before any apply, after a revert).
+UNPATCHED_STEPS = ("imported", "revert-without-apply", "revert", "revert-twice", "revert-after-reapply", "revert-after-import")
 FORCED_SCENARIOS = ("import-first", "apply-first")  # SGL_ACCEL alone cannot force a gate
 
 
@@ -248,7 +248,7 @@ def _scenario_result(observed, scenario: str, hardware: str) -> dict:
 def _check_step(step: str, entry: dict, expect: Expect, scenario: str) -> None:
     where = f"after {step} ({scenario})"
     state, reason = entry["status"]["state"], entry["status"]["reason"]
-    if step in REVERTED:
+    if step in UNPATCHED_STEPS:
         wanted = {key: "original" for key in expect.keys}
         assert state not in ("applied", "pending-import"), f"{where}: status says {state} ({reason}) with the originals in place"
     else:
@@ -273,7 +273,7 @@ def _check_before_import(entry: dict, name: str, forced: bool) -> None:
         assert state == "pending-import", f"before import: {state} ({reason})"
     else:
         assert state == "not-applicable", f"before import: {state} ({reason})"
-    assert entry["status"]["targets"] == {} or all(s != "applied" for s in entry["status"]["targets"].values())
+    assert "applied" not in entry["status"]["targets"].values(), f"before import: {entry['status']['targets']}"
 
 
 def _cases():
