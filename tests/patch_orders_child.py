@@ -35,6 +35,7 @@ import json
 import sys
 
 ORIGINAL_ATTR = "__sgl_accel_original__"
+IMPORT_STEP = "import "  # + module: the step right after that module was imported
 _keep_alive: list = []  # every object whose id() was recorded, so no id is ever reused
 
 
@@ -126,7 +127,7 @@ class Recorder:
         out = {}
         for patch in self.spec["patches"]:
             name = patch["name"]
-            entry = {"status": _patch_record(status[name]), "objects": {}, "ids": {}, "pristine": {}}
+            entry = {"status": _patch_record(status[name]), "objects": {}, "ids": {}, "pristine": {}, "marked": {}}
             if returned is not None:
                 entry["returned"] = _patch_record(returned[name])
             for key in patch["keys"]:
@@ -135,6 +136,7 @@ class Recorder:
                 original = self.originals.get(key)
                 entry["objects"][key] = classify(obj, original) if key in self.originals else None
                 entry["ids"][key] = id(obj)
+                entry["marked"][key] = recorded_original(obj) is not None
                 # The remembered original must itself be untouched sglang code.
                 entry["pristine"][key] = original is not None and recorded_original(original) is None
             out[name] = entry
@@ -160,9 +162,12 @@ def _activate_standins() -> None:
     standins.activate()
 
 
-def _import_targets(spec: dict) -> None:
+def _import_targets(spec: dict, rec: Recorder | None = None) -> None:
+    """Import the target modules one by one; ``rec`` records the state after each."""
     for module in spec["modules"]:
         importlib.import_module(module)
+        if rec is not None:
+            rec.record(f"{IMPORT_STEP}{module}")
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -193,7 +198,7 @@ def apply_first(spec: dict) -> dict:
     rec = Recorder(spec)
     rec.record("before-import")
     _activate_standins()
-    _import_targets(spec)
+    _import_targets(spec, rec)
     rec.remember_originals(from_marks=True)
     rec.record("apply-then-import")
     rec.record("revert-after-import", _revert_all(spec))
@@ -208,7 +213,7 @@ def spawn_child(spec: dict, queue) -> None:
         rec = Recorder(spec)
         rec.record("before-import")
         _activate_standins()
-        _import_targets(spec)
+        _import_targets(spec, rec)
         rec.remember_originals(from_marks=True)
         rec.record("spawn-child")
         queue.put({"startup": "sgl_accel._startup" in sys.modules, **rec.steps})

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pytest
 
+from patch_orders_child import IMPORT_STEP
 from sgl_accel._registry import all_patches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,6 +277,22 @@ def _check_before_import(entry: dict, name: str, forced: bool) -> None:
     assert "applied" not in entry["status"]["targets"].values(), f"before import: {entry['status']['targets']}"
 
 
+def _check_while_importing(result: dict, name: str, expect: Expect, pending: bool) -> None:
+    """After each target module's import: nothing of the patch lands before its last
+    target module is imported, and all of it (as the matrix says) once it is."""
+    keys_modules = {key.split(":")[0] for key in expect.keys}
+    for step in (s for s in result if s.startswith(IMPORT_STEP)):
+        entry = result[step][name]
+        state, reason = entry["status"]["state"], entry["status"]["reason"]
+        marked = {key for key, is_marked in entry["marked"].items() if is_marked}
+        if keys_modules <= set(result[step]["_modules_imported"]):
+            assert state == expect.state, f"after {step}: {state} ({reason}), the matrix says {expect.state}"
+            assert marked == set(expect.rewritten), f"after {step}: patched {marked}, expected {set(expect.rewritten)}"
+        else:
+            assert state == ("pending-import" if pending else "not-applicable"), f"after {step}: {state} ({reason})"
+            assert marked == set(), f"after {step}: {marked} patched before the patch's last module was imported"
+
+
 def _cases():
     return [pytest.param(name, order, id=f"{name}-{order}") for name in all_patches() for order in ORDERS]
 
@@ -303,6 +320,8 @@ def test_patch_in_order(observed, name, order):
             _check_before_import(entry, name, forced)
         else:
             _check_step(step, entry, expect, scenario)
+    if scenario in ("apply-first", "spawn") and order != "apply-after-revert-on-import-path":
+        _check_while_importing(result, name, expect, _pending_before_import(name, RELEASE, forced))
     if order == "apply-twice":
         first, second = result["import-then-apply"][name]["ids"], result["apply-twice"][name]["ids"]
         assert first == second, "a second apply() replaced the objects of the first"
