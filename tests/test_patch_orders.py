@@ -9,9 +9,10 @@ the very original) or the identical original, as the matrix cell says, never a m
 and the report agrees with the objects (``applied`` exactly when they are rewritten).
 
 Orders: import then apply; apply then import (``SGL_ACCEL=1`` at start-up: the report
-goes from ``pending-import`` to the matrix state on import); apply twice; revert
-twice; revert without apply; apply after revert; ``SGL_ACCEL=1`` in a multiprocessing
-``spawn`` child. Processes, per emulated hardware (tests/patch_orders_child.py): one
+goes from ``pending-import`` to the matrix state on import; nothing lands before the
+patch's last target module is imported); apply twice; revert twice; revert without
+apply; apply after revert (after an explicit apply, and after patching on import);
+``SGL_ACCEL=1`` in a multiprocessing ``spawn`` child. Processes, per emulated hardware (tests/patch_orders_child.py): one
 runs every import-first order in sequence, one the apply-first orders, one a spawn
 child; they run two at a time.
 
