@@ -18,10 +18,10 @@ child; they run two at a time.
 
 What is expected comes from the matrix (``sgl_accel/compat/matrix.json``), never typed
 here: ``applies`` -> rewritten; ``upstream`` -> ``upstream`` and nothing changed;
-``not-applicable`` -> nothing changed, unless HARNESS forces the gates (then the parts
-the matrix found applicable are rewritten, as ``apply(force=True)`` promises);
-``drifted`` -> ``skipped``, nothing changed; ``absent`` -> not exercised (the code is
-not there). HARNESS says how each patch is exercised; a registered patch missing from
+``not-applicable``/``not-needed`` -> nothing changed, unless HARNESS forces the gates
+(then the parts the matrix found applicable are rewritten, as ``apply(force=True)``
+promises); ``drifted``/``replaced`` -> ``skipped``, nothing changed; ``absent``/``older-form``
+-> not exercised (the code the patch changes is not there). HARNESS says how each patch is exercised; a registered patch missing from
 it (or from NOT_EXERCISED, with a reason) fails ``test_every_registered_patch_is_in_the_harness``.
 """
 
@@ -163,20 +163,35 @@ def _part_of(patch, key: str) -> str:
     raise AssertionError(f"{key} (matrix) is no target of {patch.name}")
 
 
+# Matrix cell state -> the state apply() reports once the targets are imported, where the
+# code the patch changes is there. Cells without it (absent, older-form) are not exercised;
+# a state missing from both fails loudly (teach the harness what apply() does there).
+REPORT_STATE = {
+    "applies": "applied",
+    "upstream": "upstream",
+    "not-applicable": "not-applicable",  # the release range
+    "not-needed": "not-applicable",  # the feature gate: the release's own code is right
+    "drifted": "skipped",
+    "replaced": "skipped",  # the structural guard leaves other code alone
+}
+NOT_THERE = ("absent", "older-form")
+FORCIBLE = ("not-applicable", "not-needed")  # gates that force=True skips
+
+
 def expectation(name: str, release: str, forced: bool):
-    """What the matrix cell says apply() reaches, or None where the code is absent."""
+    """What the matrix cell says apply() reaches, or None where the code is not there."""
     cell = _matrix()["matrix"][release][name]
-    if cell["state"] == "absent":
+    if cell["state"] in NOT_THERE:
         return None
+    assert cell["state"] in REPORT_STATE, f"matrix state {cell['state']!r} ({name}, {release}) is new to the harness"
     patch = all_patches()[name]
     keys = tuple(key for key, target in cell["targets"].items() if target["state"] != "absent")
     applicable = frozenset(
         key for key in keys if cell["targets"][key]["state"] == "applies" and cell["parts"][_part_of(patch, key)] == "applies"
     )
-    if cell["state"] == "applies" or (forced and cell["state"] == "not-applicable" and applicable):
+    if cell["state"] == "applies" or (forced and cell["state"] in FORCIBLE and applicable):
         return Expect("applied", keys, applicable)
-    state = {"drifted": "skipped"}.get(cell["state"], cell["state"])
-    return Expect(state, keys, frozenset())
+    return Expect(REPORT_STATE[cell["state"]], keys, frozenset())
 
 
 def _pending_before_import(name: str, release: str, forced: bool) -> bool:
