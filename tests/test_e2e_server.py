@@ -68,7 +68,7 @@ def _launch(request, model, site, name: str, **variables):
 
 def _finish(server) -> None:
     server.stop()
-    (OUT / f"{RELEASE}-{server.name}.json").write_text(json.dumps({"release": RELEASE, "config": server.name, **server.times}))
+    (OUT / f"{RELEASE}-{server.name}.json").write_text(json.dumps({"release": RELEASE, "config": server.name, **server.times}) + "\n")
 
 
 def _plan(site, **variables) -> dict:

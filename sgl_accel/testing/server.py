@@ -226,6 +226,8 @@ def process_title(proc) -> str:
         return first.split()[0]
     if "sglang.launch_server" in cmdline:
         return "sglang::engine"
+    if any("multiprocessing.resource_tracker" in part for part in cmdline):
+        return "python: multiprocessing resource tracker"
     return " ".join(cmdline)[:80]
 
 
