@@ -76,7 +76,8 @@ def configure_logging() -> None:
     logger.setLevel(level)
     if not any(getattr(h, "_sgl_accel", False) for h in logger.handlers):
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        # The process id tells apart the lines of sglang's processes (engine, scheduler, detokenizer).
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
         handler._sgl_accel = True
         logger.addHandler(handler)
         logger.propagate = False
@@ -90,9 +91,20 @@ def silence_sglang_rename_warning() -> None:
     warnings.filterwarnings("ignore", message=r"Environment variable SGL_ACCEL\w* is deprecated")
 
 
+_activated_by: Optional[str] = None  # the activation that read SGL_ACCEL in this process
+
+
 def activate_from_environment(default_on: bool, origin: str) -> None:
     """Shared by start-up activation and the sglang plugin. Never raises."""
+    global _activated_by
     logger = logging.getLogger("sgl_accel")
+    if _activated_by is not None:
+        # sglang >= 0.5.11 engine and scheduler run both the .pth and the plugin:
+        # one activation, one summary and at most one warning per process.
+        logger.debug("sgl-accel: %s: already activated by %s in this process", origin, _activated_by)
+        return
+    if os.environ.get("SGL_ACCEL", "").strip():  # unset, the two origins decide differently
+        _activated_by = origin
     try:
         silence_sglang_rename_warning()
         configure_logging()
