@@ -23,6 +23,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "nsa_indexer_fusion",
     "nsa_decode_cat_skip",
     "ascend_cp_attn_batch",
+    "ascend_fia_extend_prefix",
 )
 
 

@@ -69,6 +69,7 @@ HARNESS = {
         why="its feature gate declines every release (the broken pair exists only in source installs); "
         "force=True is how its own tests apply it, and the SGL_ACCEL orders check the unforced gate",
     ),
+    "ascend-fia-extend-prefix": Exercise("ascend"),
 }
 # Patches that cannot be exercised on any test release, with the reason.
 NOT_EXERCISED: dict[str, str] = {}
