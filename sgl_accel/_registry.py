@@ -23,6 +23,8 @@ PATCH_MODULES: tuple[str, ...] = (
     "nsa_indexer_fusion",
     "nsa_decode_cat_skip",
     "ascend_cp_attn_batch",
+    "ascend_cp_padding",
+    "ascend_cp_prefill_batch",
 )
 
 
