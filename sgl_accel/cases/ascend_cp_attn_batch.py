@@ -267,6 +267,7 @@ def make_backend(page_size: int, req_to_token, device: str = "cpu"):
     backend.use_mla = False
     backend.is_hybrid_swa = False
     backend.use_sliding_window_kv_pool = False  # read by 0.5.13's init_forward_metadata
+    backend.attn_cp_size = 1  # set by __init__ from the model runner
     backend.speculative_num_draft_tokens = None
     backend.speculative_step_id = 0
     backend.req_to_token_pool = types.SimpleNamespace(req_to_token=req_to_token)

@@ -78,7 +78,7 @@ _RELEASE_ARGS = ["kv_len", "cp_rank", "cp_size", "seqs_len"]
 
 
 def _delegate_builder(func) -> int:
-    """prepare_context_parallel_metadata: take ``extend_seqs_len`` / ``device`` and build with the helper.
+    """prepare_context_parallel_metadata: accept ``extend_seqs_len=`` / ``device=`` and build with the helper.
 
     The release body from ``kv_len = torch.tensor(kv_len)`` to ``return attn_cp_metadata`` is the
     batch-1 computation; it becomes one call. Anything else in the def (the round-robin early
@@ -96,7 +96,7 @@ def _delegate_builder(func) -> int:
     replacement = ast.parse(
         "from sglang.srt.layers.attention.nsa.utils import is_nsa_enable_prefill_cp\n"
         "return _sgl_accel_build_cp_metadata(ContextParallelMetadata, kv_len, cp_rank, cp_size, seqs_len,"
-        " extend_seqs_len, device, is_nsa_enable_prefill_cp())"
+        " is_nsa_enable_prefill_cp(), **options)"
     ).body
     site = func.body[start]
     for node in replacement:
@@ -105,8 +105,10 @@ def _delegate_builder(func) -> int:
                 sub.lineno, sub.col_offset = site.lineno, site.col_offset
                 sub.end_lineno, sub.end_col_offset = site.lineno, site.col_offset
     func.body[start:] = replacement
-    args.args += [ast.arg("extend_seqs_len"), ast.arg("device")]
-    args.defaults = [ast.Constant(None), ast.Constant("cuda")]
+    # Upstream #23269's keywords extend_seqs_len= and device= arrive as **options (the loader keeps
+    # the original's __defaults__, so new parameters cannot carry defaults of their own).
+    args.kwarg = ast.copy_location(ast.arg("options"), args.args[-1])
+    args.kwarg.end_lineno, args.kwarg.end_col_offset = args.args[-1].end_lineno, args.args[-1].end_col_offset
     return 1
 
 
@@ -147,7 +149,7 @@ def _helpers():
         prefix = [max(s - e, 0) for s, e in zip(seqs, extend)] if seqs is not None else [0] * len(extend)
         return extend, prefix
 
-    def _sgl_accel_build_cp_metadata(release_class, kv_len, cp_rank, cp_size, seqs_len, extend_seqs_len, device, nsa_mode):
+    def _sgl_accel_build_cp_metadata(release_class, kv_len, cp_rank, cp_size, seqs_len, nsa_mode, extend_seqs_len=None, device="cuda"):
         extend, prefix = sequences(kv_len, seqs_len, extend_seqs_len)
         bs, segments = len(extend), 2 * cp_size
         blocks = []
