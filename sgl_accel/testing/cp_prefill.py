@@ -1,8 +1,9 @@
 """One CP rank of an Ascend context-parallel prefill, run on CPU over gloo (test bed only).
 
 ``python -m sgl_accel.testing.cp_prefill RANK WORLD PORT SPEC.json OUT.json`` joins a gloo
-process group of WORLD processes (one per CP rank, cp_size = WORLD) and runs each case of
-SPEC through the release's own code path:
+process group of WORLD processes and runs each case of SPEC, with the case's cp_size ("cp": 2
+or 4; cp 2 on 4 processes runs as two independent groups of two), through the release's own
+code path:
 
 ``Qwen3MoeForCausalLM.forward`` (the split decision ``can_cp_split`` and
 ``prepare_context_parallel_metadata``) -> ``cp_split_and_rebuild_data`` (token split) ->
@@ -17,8 +18,10 @@ its own gathered output. ``AscendAttnBackend.__init__`` needs an NPU, so the bac
 class made with ``object.__new__`` (``sgl_accel.cases.ascend_cp_attn_batch.make_backend``); the
 KV pool is a plain paged buffer with the pool interface the CP path calls.
 
-SPEC: {"patches": [names to apply first, or []], "cases": [{"name", "extend", "prefix", "pad",
-"heads", "kv_heads", "head_dim", "page", "seed"}]}. OUT: per case {"name", "ok", "max_err",
+SPEC: {"runs": [{"patches": [names, or [] for the release], "cases": [{"name", "extend",
+"prefix", "pad", "cp", "heads", "kv_heads", "head_dim", "page", "seed"}]}, ...]}: the runs share one
+process group; the first run's patches are applied before sglang is imported, later ones after
+(``revert()`` in between). OUT: per run and case {"run", "name", "states", "ok", "max_err",
 "split", "error"}.
 """
 
@@ -97,16 +100,29 @@ def setup(rank, world, port):
     from sglang.srt.distributed import parallel_state
 
     server_args._global_server_args = server_args_for_cp(world)
-    group = parallel_state.GroupCoordinator(
-        group_ranks=[list(range(world))], local_rank=rank, torch_distributed_backend="gloo",
-        use_pynccl=False, use_pymscclpp=False, use_custom_allreduce=False,
-        use_torch_symm_mem_all_reduce=False, use_hpu_communicator=False,
-        use_xpu_communicator=False, use_npu_communicator=False, group_name="attn_cp",
-    )
-    parallel_state._ATTN_CP = group
+    # One coordinator per CP size: cp_size 2 on 4 processes is two groups of two.
+    groups = {}
+    for cp in (2, 4):
+        if world % cp == 0:
+            groups[cp] = parallel_state.GroupCoordinator(
+                group_ranks=[list(range(start, start + cp)) for start in range(0, world, cp)], local_rank=rank,
+                torch_distributed_backend="gloo", use_pynccl=False, use_pymscclpp=False, use_custom_allreduce=False,
+                use_torch_symm_mem_all_reduce=False, use_hpu_communicator=False, use_xpu_communicator=False,
+                use_npu_communicator=False, group_name=f"attn_cp{cp}",
+            )
     # The Ascend path of the coordinator (all_gather_into_tensor -> torch.distributed on the group).
     parallel_state._is_npu = True
-    return group
+    return groups
+
+
+def use_cp_group(group):
+    """Make ``group`` the attention CP group sglang's CP code looks up."""
+    from sglang.srt import server_args
+    from sglang.srt.distributed import parallel_state
+
+    parallel_state._ATTN_CP = group
+    server_args._global_server_args.attn_cp_size = group.world_size
+    return group.rank_in_group, group.world_size
 
 
 def _case_data(case, world):
@@ -190,6 +206,7 @@ def _case_data(case, world):
 
 
 def run_case(case, rank, world):
+    """``rank`` of a CP group of ``world`` processes (the group installed by use_cp_group)."""
     import torch
 
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -234,32 +251,34 @@ def main(argv):
     from sgl_accel.testing import standins
 
     standins.activate()
-    if spec["patches"]:
-        import sgl_accel
+    import sgl_accel
 
-        sgl_accel.apply(spec["patches"], allow_untested=True)  # before sglang imports: patched on import
-    setup(rank, world, port)
+    first = spec["runs"][0]["patches"]
+    if first:
+        sgl_accel.apply(first, allow_untested=True)  # before sglang imports: patched on import
+    groups = setup(rank, world, port)
     import torch
 
-    import sglang.srt.managers.schedule_policy  # noqa: F401  (the scheduler process imports it: patches waiting for it land)
-    results = []
-    for case in spec["cases"]:
-        try:
-            result = run_case(case, rank, world)
-        except Exception as exc:  # a failing case is a result; the other ranks must not hang on it
-            result = {"ok": False, "max_err": None, "split": None,
-                      "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=4)}
-        results.append({"name": case["name"], **result})
-        torch.distributed.barrier()
-    if spec["patches"]:
-        import sgl_accel
+    import sglang.srt.managers.schedule_policy  # noqa: F401  (imported by the scheduler process; patches waiting for it land)
 
-        results.append({"name": "_states", "states": {p.name: p.state for p in sgl_accel.status(spec["patches"])}})
+    results = []
+    for number, run in enumerate(spec["runs"]):
+        if number:
+            sgl_accel.revert()
+            if run["patches"]:
+                sgl_accel.apply(run["patches"], allow_untested=True)  # after import: patched in place
+        states = {p.name: p.state for p in sgl_accel.status(run["patches"])} if run["patches"] else {}
+        for case in run["cases"]:
+            try:
+                result = run_case(case, *use_cp_group(groups[case["cp"]]))
+            except Exception as exc:  # a failing case is a result; the other ranks must not hang on it
+                result = {"ok": False, "max_err": None, "split": None,
+                          "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=4)}
+            results.append({"run": number, "name": case["name"], "states": states, **result})
+            torch.distributed.barrier()
     with open(argv[4], "w") as f:
         json.dump(results, f)
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
