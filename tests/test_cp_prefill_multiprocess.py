@@ -10,10 +10,10 @@ all-gather over sglang's ``GroupCoordinator`` and the paged save
 the output re-gather. Every rank's gathered output is compared with causal attention over each
 whole sequence (cached prefix + extend) computed with SDPA in float64.
 
-The launch runs every case three times: the release as installed, the
-batching opt-in alone (it must refuse to batch without the pieces it needs), and all three
-patches (applied after import; the worker applies its first run's patches before import, so
-both orders are exercised across the runs of the suite).
+The launch runs every case three times: all three patches (applied before sglang is
+imported, the SGL_ACCEL=... order), the release as installed (after ``revert()``), and the
+batching opt-in alone, applied after import (it must refuse to batch without the pieces it
+needs).
 
 Padding is a parameter of a case: sglang pads the batch to a multiple of cp_size, and with DP
 attention in max-len mode to the largest DP rank's token count, so any amount can occur.
@@ -35,6 +35,7 @@ ALL = ["ascend-cp-padding", "ascend-cp-attn-batch", "ascend-cp-prefill-batch"]
 
 
 WORLD = 4
+PATCHED_RUN, RELEASE_RUN, ALONE_RUN = 0, 1, 2
 
 
 def case(name, cp, extend, prefix, pad, heads=4, kv_heads=2, seed=0):
@@ -89,9 +90,9 @@ def run_world(tmp_path, world, runs):
 @pytest.fixture(scope="module")
 def world_results(tmp_path_factory):
     runs = [
-        {"patches": [], "cases": CASES},
+        {"patches": ALL, "cases": CASES},  # applied before sglang is imported
+        {"patches": [], "cases": CASES},  # reverted: the release as installed
         {"patches": ["ascend-cp-prefill-batch"], "cases": [c for c in CASES if len(c["extend"]) > 1]},
-        {"patches": ALL, "cases": CASES},
     ]
     return WORLD, CASES, run_world(tmp_path_factory.mktemp("cp"), WORLD, runs)
 
@@ -105,7 +106,7 @@ def test_release_as_installed(world_results):
     """The release: correct without prefix+padding, wrong with it, out of its block table when padding crosses a page, batch 1 only."""
     world, cases, results = world_results
     for c in cases:
-        ranks = _by_rank(results, 0, c["name"])
+        ranks = _by_rank(results, RELEASE_RUN, c["name"])
         assert all(r["states"] == {} for r in ranks)
         if len(c["extend"]) > 1:
             assert not any(r["split"] for r in ranks), ranks  # can_cp_split forces one sequence
@@ -128,7 +129,7 @@ def test_batching_alone_refuses(world_results):
     for c in cases:
         if len(c["extend"]) == 1:
             continue
-        for r in _by_rank(results, 1, c["name"]):
+        for r in _by_rank(results, ALONE_RUN, c["name"]):
             assert r["states"] == {"ascend-cp-prefill-batch": "applied"}, r
             assert r["split"] is False, r
 
@@ -137,7 +138,7 @@ def test_batching_alone_refuses(world_results):
 def test_patched_equals_causal_attention(world_results):
     world, cases, results = world_results
     for c in cases:
-        for rank, r in enumerate(_by_rank(results, 2, c["name"])):
+        for rank, r in enumerate(_by_rank(results, PATCHED_RUN, c["name"])):
             assert r["states"] == {name: "applied" for name in ALL}, r
             assert r["split"], (rank, r)
             assert r["ok"], (world, rank, c, r)
