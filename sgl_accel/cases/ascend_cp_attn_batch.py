@@ -20,8 +20,8 @@ Metadata comes in the two forms the patched function must accept:
   into ``PerSequenceCPMetadata``, a stand-alone class with the same field names
   (the installed release may not have them).
 
-Running a case needs the patch applied (tests: ``sgl_accel.apply([...],
-force=True)`` on the releases, whose feature gate says not-applicable).
+Running a case needs the patch applied (it applies by default on 0.5.11 and
+0.5.12.post1; ``sgl-accel verify`` applies it as ``apply()`` would).
 """
 
 from __future__ import annotations
@@ -387,7 +387,7 @@ def current_and_original():
     original = getattr(current, "__sgl_accel_original__", None)
     if original is None:
         raise RuntimeError(
-            f"{PATCH_NAME} is not applied; apply it first (force=True on releases whose feature gate declines)"
+            f"{PATCH_NAME} is not applied; apply it first"
         )
     return current, original
 

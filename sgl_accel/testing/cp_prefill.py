@@ -179,6 +179,8 @@ def _case_data(case, world):
     backend.attn_cp_size = world
     backend.use_fia = True
     backend.is_dllm_model = False
+    pool = PagedPool(k_pool, v_pool)
+    backend.token_to_kv_pool = pool  # 0.5.13 reads the pool from the backend
     seq_lens = torch.tensor(totals, dtype=torch.int64)
     batch = types.SimpleNamespace(
         forward_mode=fb_mod.ForwardMode.EXTEND,
@@ -196,7 +198,7 @@ def _case_data(case, world):
         extend_prefix_lens_cpu=list(prefix),
         out_cache_loc=out_loc,
         encoder_out_cache_loc=None,
-        token_to_kv_pool=PagedPool(k_pool, v_pool),
+        token_to_kv_pool=pool,
         attn_cp_metadata=None,
         spec_info=None,
         attn_backend=backend,
@@ -267,15 +269,18 @@ def main(argv):
             sgl_accel.revert()
             if run["patches"]:
                 sgl_accel.apply(run["patches"], allow_untested=True)  # after import: patched in place
-        states = {p.name: p.state for p in sgl_accel.status(run["patches"])} if run["patches"] else {}
+        first_result = len(results)
         for case in run["cases"]:
             try:
                 result = run_case(case, *use_cp_group(groups[case["cp"]]))
             except Exception as exc:  # a failing case is a result; the other ranks must not hang on it
                 result = {"ok": False, "max_err": None, "split": None,
                           "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=4)}
-            results.append({"run": number, "name": case["name"], "states": states, **result})
+            results.append({"run": number, "name": case["name"], **result})
             torch.distributed.barrier()
+        states = {p.name: p.state for p in sgl_accel.status(run["patches"])} if run["patches"] else {}
+        for result in results[first_result:]:
+            result["states"] = states
     with open(argv[4], "w") as f:
         json.dump(results, f)
     torch.distributed.destroy_process_group()
