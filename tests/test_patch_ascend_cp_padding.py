@@ -46,7 +46,7 @@ def zigzag_cp(monkeypatch):
     """Server args of zigzag prefill CP (no NSA) for the functions that read them."""
     from sglang.srt import server_args
 
-    from sgl_accel.testing.cp_prefill import server_args_for_cp
+    from sgl_accel.cases.ascend_cp_padding import server_args_for_cp
 
     monkeypatch.setattr(server_args, "_global_server_args", server_args_for_cp(2))
 
@@ -224,3 +224,13 @@ def test_block_table_covers_the_padding(accel):
     # Unchanged without CP or without padding.
     assert torch.equal(_block_table(backend_module, *args, cp_size=1), no_cp)
     assert torch.equal(_block_table(backend_module, [40, 127], [40, 126], 166, cp_size=2), no_pad)
+
+
+@needs_release_builder
+@pytest.mark.parametrize("index", range(3))
+def test_equivalence_cases(patched, index):
+    from sgl_accel.cases import ascend_cp_padding
+
+    case = ascend_cp_padding.CASES[index]
+    results = case.run(index)
+    assert results and all(c.passed for c in results), (case.name, [c for c in results if not c.passed])

@@ -28,7 +28,7 @@ CP = 2
 def zigzag_cp(monkeypatch):
     from sglang.srt import server_args
 
-    from sgl_accel.testing.cp_prefill import server_args_for_cp
+    from sgl_accel.cases.ascend_cp_padding import server_args_for_cp
 
     args = server_args_for_cp(CP)
     monkeypatch.setattr(server_args, "_global_server_args", args)
@@ -166,3 +166,15 @@ def test_can_cp_split(accel, modules, zigzag_cp):
     got = [cp_utils.can_cp_split(sum(e), CP, _batch(e, m)) for e, m in cases]
     assert got[:3] == release[:3]  # one sequence: exactly the release
     assert got[3:] == [True, False, False]  # several: each must have 2*cp tokens, never MIXED
+
+
+@needs_batching_release
+@pytest.mark.parametrize("with_pieces", [False, True])
+def test_equivalence_cases(accel, modules, with_pieces):
+    from sgl_accel.cases import ascend_cp_prefill_batch
+
+    accel("ascend")
+    apply([NAME] + (NEEDED if with_pieces else []))
+    for case in ascend_cp_prefill_batch.CASES:
+        results = case.run(0)
+        assert results and all(c.passed for c in results), (case.name, [c for c in results if not c.passed])

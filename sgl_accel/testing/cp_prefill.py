@@ -53,25 +53,6 @@ class PagedPool:
         return self.v
 
 
-def server_args_for_cp(world):
-    """The release's ServerArgs defaults (no __post_init__: it would check a model) with zigzag prefill CP on."""
-    import dataclasses
-
-    from sglang.srt.server_args import ServerArgs
-
-    args = object.__new__(ServerArgs)
-    for f in dataclasses.fields(ServerArgs):
-        if f.default is not dataclasses.MISSING:
-            setattr(args, f.name, f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            setattr(args, f.name, f.default_factory())
-    args.enable_prefill_context_parallel = True
-    args.prefill_cp_mode = "in-seq-split"
-    args.attn_cp_size = world
-    args.tp_size = world
-    return args
-
-
 def _cuda_means_cpu():
     """What torch_npu's transfer_to_npu does on Ascend ("cuda" -> the device), with the CPU as device."""
     import torch
@@ -98,6 +79,8 @@ def setup(rank, world, port):
     _cuda_means_cpu()
     from sglang.srt import server_args
     from sglang.srt.distributed import parallel_state
+
+    from sgl_accel.cases.ascend_cp_padding import server_args_for_cp
 
     server_args._global_server_args = server_args_for_cp(world)
     # One coordinator per CP size: cp_size 2 on 4 processes is two groups of two.
