@@ -83,7 +83,7 @@ def _helpers():
         """can_cp_split's batch rule: one sequence as the release; several when every one can be split."""
         if forward_batch.seq_lens_cpu.shape[0] == 1:
             return True
-        if forward_batch.forward_mode.is_mixed() or forward_batch.extend_seq_lens_cpu is None:
+        if forward_batch.forward_mode.is_mixed() or not forward_batch.extend_seq_lens_cpu:
             return False
         return min(forward_batch.extend_seq_lens_cpu) >= 2 * cp_size and _sgl_accel_cp_batching_ready()
 
