@@ -219,7 +219,7 @@ def _helpers():
 
 PATCH = Patch(
     name=NAME,
-    upstream_pr="#23269 (prefix); block table: none",
+    upstream_pr="#23269 / none",  # prefix part: #23269; block-table part: not fixed upstream
     kind="fix",
     summary=(
         "Ascend CP prefill with padded input: the cached prefix is the real one (not seq_len minus the "
