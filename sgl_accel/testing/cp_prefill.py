@@ -180,6 +180,7 @@ def _case_data(case, world):
         extend_prefix_lens=torch.tensor(prefix, dtype=torch.int32),
         extend_prefix_lens_cpu=list(prefix),
         out_cache_loc=out_loc,
+        num_token_non_padded_cpu=sum(extend),  # 0.5.12's non-CP FIA path drops the padding rows
         encoder_out_cache_loc=None,
         token_to_kv_pool=pool,
         attn_cp_metadata=None,
