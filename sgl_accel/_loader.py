@@ -330,7 +330,7 @@ def _verdict_live(target: Target):
     node, reason = _live_def(live)
     if node is None:
         return live, Verdict("drifted", reason)
-    verdict = check_def(target, node)
+    verdict = check_def(target, node, SourceReader(_sglang_info().location))
     # Only code about to be rewritten needs the (costlier) proof that memory matches the file.
     if verdict.state == "applies" and not _matches_memory(live, node):
         return live, Verdict("drifted", f"{target.qualname} in memory differs from its source file (modified on disk, or replaced by other code)", verdict.fingerprint)

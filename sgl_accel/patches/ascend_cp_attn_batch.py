@@ -18,20 +18,25 @@ kernel as plain Python int lists (the op's arguments are ``SymInt[]``; upstream'
 first commit passed NumPy arrays from ``np.cumsum``).
 
 Where it applies (decided by structure: the scalar-reading ``do_cp_attn_fia``): 0.5.11 and
-0.5.12.post1; 0.5.13.post1 contains #26705 (upstream). Design: the rewrite is correct for both
-metadata forms, so it applies there by default. With the release's scalar metadata (one
-sequence; ``can_cp_split`` forces batch 1) the kernel receives exactly the release's arguments
-and the output is bit-identical (tested); with the per-sequence metadata that ``ascend-cp-padding``
-builds it serves batches of several sequences, which the opt-in ``ascend-cp-prefill-batch``
-admits. No dependency is declared: the opt-in patch checks, before batching, that this rewrite
-is in place. Before 0.5.11 there is no Ascend CP attention. Drop this patch once no supported
-install predates #26705.
+0.5.12.post1. 0.5.13 to 0.5.22 contain #26705 (upstream); 0.5.23 moved the split into the CP-v2
+strategy (``ZigzagCPStrategy.run_attention`` splits at ``total_q_prev_tokens`` and passes
+per-sequence lengths; ``do_cp_attn_fia`` only supplies the FIA call), also upstream. Design:
+the rewrite is correct for both metadata forms, so it applies on 0.5.11/0.5.12.post1 by
+default. With the release's scalar metadata (one sequence; ``can_cp_split`` forces batch 1)
+the kernel receives exactly the release's arguments and the output is bit-identical (tested);
+with the per-sequence metadata that ``ascend-cp-padding`` builds it serves batches of several
+sequences, which the opt-in ``ascend-cp-prefill-batch`` admits. No dependency is declared: the
+opt-in patch checks, before batching, that this rewrite is in place. Before 0.5.11 there is no
+Ascend CP attention. Drop this patch once no supported install predates #26705.
 """
 
+from sgl_accel._guard import SourceCheck
 from sgl_accel._registry import Patch, Part, Target
 from sgl_accel._rewrite import Rule
 
 _BACKEND_MODULE = "sglang.srt.hardware_backend.npu.attention.ascend_backend"
+# 0.5.23: the zigzag CP strategy owns the prev/next split and the per-sequence lengths.
+_ZIGZAG_MODULE = "sglang.srt.layers.cp.zigzag"
 
 # The per-sequence fields the rewritten code reads (upstream #23269).
 PER_SEQUENCE_FIELDS = (
@@ -82,6 +87,28 @@ def _helpers():
 
     return {"_sgl_accel_cp_lengths": _sgl_accel_cp_lengths}
 
+
+def _split_by_cp_strategy(def_node, reader) -> int:
+    """do_cp_attn_fia hands q to the CP strategy's run_attention, and the zigzag strategy's
+    run_attention splits at total_q_prev_tokens with per-sequence cumulative lengths."""
+    import ast
+
+    calls = sum(
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "run_attention"
+        for n in ast.walk(def_node)
+    )
+    strategy = reader.find(_ZIGZAG_MODULE, "ZigzagCPStrategy.run_attention")
+    if not calls or strategy is None:
+        return 0
+    text = ast.unparse(strategy)
+    return calls if "meta.total_q_prev_tokens" in text and "cu_seqlens_q_prev_tensor" in text else 0
+
+
+_SPLIT_BY_CP_STRATEGY = SourceCheck(
+    "the CP strategy's run_attention splits at total_q_prev_tokens (layers/cp/zigzag.py)",
+    _split_by_cp_strategy,
+    modules=(_ZIGZAG_MODULE,),
+)
 
 PATCH = Patch(
     name="ascend-cp-attn-batch",
@@ -138,6 +165,7 @@ PATCH = Patch(
                         "__meta.total_q_prev_tokens",
                         "__meta.actual_seq_q_prev_list",
                         "__meta.kv_len_prev_list",
+                        _SPLIT_BY_CP_STRATEGY,
                     ],
                 )
             ],
