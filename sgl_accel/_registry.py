@@ -24,6 +24,8 @@ PATCH_MODULES: tuple[str, ...] = (
     "nsa_decode_cat_skip",
     "ascend_cp_attn_batch",
     "ascend_fia_extend_prefix",
+    "ascend_cp_padding",
+    "ascend_cp_prefill_batch",
 )
 
 

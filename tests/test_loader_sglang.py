@@ -186,13 +186,21 @@ def _startup_result(env):
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
+def _opt_in_names():
+    """Patches SGL_ACCEL=1 and the plugin leave out by design (applied only when named)."""
+    from sgl_accel._registry import all_patches
+
+    return {name for name, patch in all_patches().items() if patch.opt_in}
+
+
 def test_startup_activation_installs_hooks_in_a_fresh_interpreter():
     out, _ = _startup_result({"SGL_ACCEL": "1"})
     assert out["startup"] is True
+    opt_in = _opt_in_names()
     for name, state in out["before"].items():
-        assert state in ("pending-import", "not-applicable"), (name, state)
+        assert state in (("skipped",) if name in opt_in else ("pending-import", "not-applicable")), (name, state)
     for name, state in out["after"].items():
-        if name not in out["unimportable"]:
+        if name not in out["unimportable"] and name not in opt_in:
             assert state != "pending-import", (name, state)  # the import hook ran
 
 
@@ -209,7 +217,8 @@ def test_startup_activation_reaches_spawned_children():
 
         def child(q):
             import sys, sgl_accel
-            q.put(("sgl_accel._startup" in sys.modules, [p.state for p in sgl_accel.status()]))
+            from sgl_accel._registry import default_names
+            q.put(("sgl_accel._startup" in sys.modules, [p.state for p in sgl_accel.status(default_names())]))
 
         if __name__ == "__main__":
             ctx = mp.get_context("spawn")
@@ -263,8 +272,10 @@ def test_sglang_plugin_entry_point_through_real_load_plugins(sglang_release):
         )
     )
     states = json.loads(proc.stdout.strip().splitlines()[-1])
-    # Every shipped patch was requested by the plugin (none is "not requested").
-    assert all(state != "skipped" for state in states.values()), states
+    # Every shipped patch but the opt-in ones was requested by the plugin (none is "not requested").
+    opt_in = _opt_in_names()
+    assert all(state != "skipped" for name, state in states.items() if name not in opt_in), states
+    assert all(states[name] == "skipped" for name in opt_in), states
     assert "sgl_accel" in proc.stderr or states is not None
 
 

@@ -63,13 +63,10 @@ HARNESS = {
     "ascend-dflash": Exercise("ascend"),
     "nsa-indexer-fusion": Exercise("rocm:gfx950", why="ROCm: both parts (compile-head-gates is ROCm-only)"),
     "nsa-decode-cat-skip": Exercise("rocm:gfx950", why="gfx95 with aiter (the stand-in) is its hardware gate"),
-    "ascend-cp-attn-batch": Exercise(
-        "ascend",
-        force=True,
-        why="its feature gate declines every release (the broken pair exists only in source installs); "
-        "force=True is how its own tests apply it, and the SGL_ACCEL orders check the unforced gate",
-    ),
+    "ascend-cp-attn-batch": Exercise("ascend", why="applies by structure on 0.5.11/0.5.12.post1 (correct for both metadata forms)"),
     "ascend-fia-extend-prefix": Exercise("ascend"),
+    "ascend-cp-padding": Exercise("ascend"),
+    "ascend-cp-prefill-batch": Exercise("ascend", why="opt-in: the SGL_ACCEL orders name it"),
 }
 # Patches that cannot be exercised on any test release, with the reason.
 NOT_EXERCISED: dict[str, str] = {}

@@ -20,8 +20,8 @@ Metadata comes in the two forms the patched function must accept:
   into ``PerSequenceCPMetadata``, a stand-alone class with the same field names
   (the installed release may not have them).
 
-Running a case needs the patch applied (tests: ``sgl_accel.apply([...],
-force=True)`` on the releases, whose feature gate says not-applicable).
+Running a case needs the patch applied (it applies by default on 0.5.11 and
+0.5.12.post1; ``sgl-accel verify`` applies it as ``apply()`` would).
 """
 
 from __future__ import annotations
@@ -267,6 +267,7 @@ def make_backend(page_size: int, req_to_token, device: str = "cpu"):
     backend.use_mla = False
     backend.is_hybrid_swa = False
     backend.use_sliding_window_kv_pool = False  # read by 0.5.13's init_forward_metadata
+    backend.attn_cp_size = 1  # set by __init__ from the model runner
     backend.speculative_num_draft_tokens = None
     backend.speculative_step_id = 0
     backend.req_to_token_pool = types.SimpleNamespace(req_to_token=req_to_token)
@@ -386,7 +387,7 @@ def current_and_original():
     original = getattr(current, "__sgl_accel_original__", None)
     if original is None:
         raise RuntimeError(
-            f"{PATCH_NAME} is not applied; apply it first (force=True on releases whose feature gate declines)"
+            f"{PATCH_NAME} is not applied; apply it first"
         )
     return current, original
 

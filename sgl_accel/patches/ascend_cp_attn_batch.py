@@ -17,25 +17,24 @@ releases (where it reproduces the original call exactly). Lengths go to the
 kernel as plain Python int lists (the op's arguments are ``SymInt[]``; upstream's
 first commit passed NumPy arrays from ``np.cumsum``).
 
-Where it applies: the broken pair (per-sequence metadata + scalar-reading
-``do_cp_attn_fia``) exists only in source installs between #23269 and #26705.
-Released 0.5.11 / 0.5.12.post1 keep scalar metadata and ``can_cp_split`` forces
-batch 1, so their code is correct and the feature gate reports not-applicable;
-0.5.13 to 0.5.22 contain both changes (upstream); 0.5.23 moved the split into the CP-v2
+Where it applies (decided by structure: the scalar-reading ``do_cp_attn_fia``): 0.5.11 and
+0.5.12.post1. 0.5.13 to 0.5.22 contain #26705 (upstream); 0.5.23 moved the split into the CP-v2
 strategy (``ZigzagCPStrategy.run_attention`` splits at ``total_q_prev_tokens`` and passes
-per-sequence lengths; ``do_cp_attn_fia`` only supplies the FIA call), also upstream. The
-gate's "scalar metadata" answer is a ``NotNeeded`` reason: the matrix reports those
-releases ``not-needed`` (their own code is correct), not "not applicable". ``force=True`` is safe anywhere
-the structural guard accepts the function. Drop this patch once no supported
-install predates #26705.
+per-sequence lengths; ``do_cp_attn_fia`` only supplies the FIA call), also upstream. Design:
+the rewrite is correct for both metadata forms, so it applies on 0.5.11/0.5.12.post1 by
+default. With the release's scalar metadata (one sequence; ``can_cp_split`` forces batch 1)
+the kernel receives exactly the release's arguments and the output is bit-identical (tested);
+with the per-sequence metadata that ``ascend-cp-padding`` builds it serves batches of several
+sequences, which the opt-in ``ascend-cp-prefill-batch`` admits. No dependency is declared: the
+opt-in patch checks, before batching, that this rewrite is in place. Before 0.5.11 there is no
+Ascend CP attention. Drop this patch once no supported install predates #26705.
 """
 
 from sgl_accel._guard import SourceCheck
-from sgl_accel._registry import NotNeeded, Patch, Part, Target
+from sgl_accel._registry import Patch, Part, Target
 from sgl_accel._rewrite import Rule
 
 _BACKEND_MODULE = "sglang.srt.hardware_backend.npu.attention.ascend_backend"
-_CP_UTILS_MODULE = "sglang.srt.layers.utils.cp_utils"
 # 0.5.23: the zigzag CP strategy owns the prev/next split and the per-sequence lengths.
 _ZIGZAG_MODULE = "sglang.srt.layers.cp.zigzag"
 
@@ -89,32 +88,6 @@ def _helpers():
     return {"_sgl_accel_cp_lengths": _sgl_accel_cp_lengths}
 
 
-def _gate(reader):
-    """Apply only where the metadata is per-sequence and the backend still reads scalars.
-
-    ``reader`` is the release's source (``_guard.SourceReader``): the same answer
-    for ``apply()`` and for the scanner, which imports nothing.
-    """
-    import ast
-
-    fields = reader.class_fields(_CP_UTILS_MODULE, "ContextParallelMetadata")
-    if fields is None:
-        return f"{_CP_UTILS_MODULE} has no ContextParallelMetadata"
-    missing = [name for name in PER_SEQUENCE_FIELDS if name not in fields]
-    if missing:
-        scalars = ", ".join(n for n in SCALAR_FIELDS if n in fields) or "none"
-        return NotNeeded(
-            f"ContextParallelMetadata has the scalar batch-1 fields ({scalars}), not the per-sequence "
-            f"ones ({', '.join(missing)}; upstream #23269): can_cp_split keeps CP prefill at batch 1 "
-            "there, where the installed do_cp_attn_fia is correct"
-        )
-    func = reader.find(_BACKEND_MODULE, "AscendAttnBackend.do_cp_attn_fia")
-    read = {n.attr for n in ast.walk(func) if isinstance(n, ast.Attribute)} if func is not None else set()
-    if not read & set(SCALAR_FIELDS):
-        return "AscendAttnBackend.do_cp_attn_fia does not read the scalar metadata fields"
-    return None
-
-
 def _split_by_cp_strategy(def_node, reader) -> int:
     """do_cp_attn_fia hands q to the CP strategy's run_attention, and the zigzag strategy's
     run_attention splits at total_q_prev_tokens with per-sequence cumulative lengths."""
@@ -142,13 +115,11 @@ PATCH = Patch(
     upstream_pr="#26705",
     kind="fix",
     summary=(
-        "Ascend CP attention (FIA) with per-sequence context-parallel metadata: split the local "
-        "query at total_q_prev_tokens, pass cumulative query and per-sequence KV lengths as int lists"
+        "Ascend CP attention (FIA) correct for batch > 1: split the local query at total_q_prev_tokens, "
+        "pass cumulative query and per-sequence KV lengths as int lists (identical call for one sequence)"
     ),
     hardware=("ascend",),
     releases=">=0.5.11",
-    gate=_gate,
-    gate_modules=(_CP_UTILS_MODULE,),
     parts=[
         Part(
             "cp-attn-fia",
