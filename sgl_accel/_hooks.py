@@ -74,12 +74,36 @@ def _fire(name: str, module) -> None:
         hook(module)
 
 
-def when_imported(name: str, hook) -> None:
-    """Call ``hook(module)`` once ``name`` has been imported (now, if it already is)."""
+def when_imported(name: str, hook, now: bool = True) -> None:
+    """Call ``hook(module)`` after every import of ``name`` (a reload included); also at once if
+    it is imported already (``now``), or when another thread finishes importing it."""
     with _lock:
         _hooks.setdefault(name, []).append(hook)
         if _finder not in sys.meta_path:
             sys.meta_path.insert(0, _finder)
         module = sys.modules.get(name)
-    if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+    if module is None:
+        return
+    if getattr(getattr(module, "__spec__", None), "_initializing", False):
+        # Mid-import (maybe in another thread): that import has passed the finder already.
+        threading.Thread(target=_after_import, args=(name, hook), name=f"sgl-accel {name}", daemon=True).start()
+    elif now:
+        hook(module)
+
+
+def _after_import(name: str, hook) -> None:
+    """Wait for the import of ``name`` in progress to finish, then run ``hook``."""
+    import time
+
+    try:  # the module's import lock is held until its import is done
+        from importlib import _bootstrap
+
+        _bootstrap._lock_unlock_module(name)
+    except Exception:
+        pass
+    module = sys.modules.get(name)
+    while module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False):
+        time.sleep(0.005)
+        module = sys.modules.get(name)
+    if module is not None:
         hook(module)

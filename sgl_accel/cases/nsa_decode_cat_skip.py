@@ -593,17 +593,11 @@ def functions() -> dict:
 
 def build_patched() -> dict:
     """The patched functions, compiled as the loader compiles them, not installed anywhere."""
-    from sgl_accel import _loader
-    from sgl_accel._registry import all_patches
+    from sgl_accel.seams import patched_forms
 
-    patch = all_patches()[PATCH_NAME]
-    built = {}
-    for key, target in zip(("absorb", "decode"), patch.targets):
-        live, verdict = _loader._verdict_live(target)
-        if verdict.state != "applies":
-            raise RuntimeError(f"{PATCH_NAME}: {target.key} is {verdict.state}: {verdict.reason}")
-        built[key] = _loader._build(live, verdict, patch.helpers() if patch.helpers else {}, PATCH_NAME)
-    return built
+    # In the order the patch declares its targets (wherever this release keeps them).
+    forms = patched_forms(PATCH_NAME)
+    return {key: patched for key, (_, patched) in zip(("absorb", "decode"), forms.values())}
 
 
 # --------------------------------------------------------------------------- comparing

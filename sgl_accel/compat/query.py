@@ -6,6 +6,8 @@ from typing import Optional
 
 from packaging.version import Version
 
+from .._decide import Context, Source, State, TargetState, decide, release_reason
+from .._plan import plan_report
 from .._registry import all_patches
 from .._report import PatchReport, Report
 from . import load_matrix
@@ -19,41 +21,44 @@ def plan_release(version: str, hardware) -> Report:
     """What apply() would do on a release of the matrix, on ``hardware``, without installing it."""
     from .. import __version__
 
+    row = _row(version)
+    reports = []
+    for name, patch in all_patches().items():
+        if name not in row:
+            reports.append(PatchReport(name, "skipped", "not scanned yet: run make compat", patch.kind, patch.upstream_pr))
+            continue
+        reports.append(plan_report(decide(patch, matrix_context(version, row[name], hardware))))
+    return Report(reports, sglang=f"sglang {version} (from the matrix)", hardware=hardware.describe(), version=__version__)
+
+
+def _row(version: str) -> dict:
     matrix = load_matrix()
     row = matrix["matrix"].get(version)
     if row is None:
         raise NotInMatrix(f"sglang {version} is not in the compatibility matrix; known releases: {', '.join(matrix['releases'])}")
-    reports = []
-    for name, patch in all_patches().items():
-        entry = row.get(name)
-        if entry is None:
-            reports.append(PatchReport(name, "skipped", "not scanned yet: run make compat", patch.kind, patch.upstream_pr))
-            continue
-        state, reason = _plan_state(patch, entry, hardware)
-        reports.append(PatchReport(name, state, reason, patch.kind, patch.upstream_pr, dict(entry["parts"])))
-    return Report(reports, sglang=f"sglang {version} (from the matrix)", hardware=hardware.describe(), version=__version__)
+    return row
 
 
-def _plan_state(patch, entry: dict, hardware) -> tuple[str, str]:
-    usable = [p for p in patch.parts if hardware.kind in (tuple(p.hardware) or tuple(patch.hardware))]
-    if not usable:
-        return "not-applicable", f"needs {'/'.join(sorted({h for p in patch.parts for h in (p.hardware or patch.hardware)}))}, found {hardware.describe()}"
-    if patch.hardware_check is not None:
-        reason = patch.hardware_check(hardware)
-        if reason:
-            return "not-applicable", reason
-    state = entry["state"]
-    if state == "applies":
-        needs = f"; needs {', '.join(patch.kernels)}" if patch.kernels else ""
-        parts = [p.name for p in usable]
-        return "applies", f"parts {', '.join(parts)} apply{needs}"
-    if state == "upstream":
-        return "upstream", entry["reason"]
-    if state == "absent":
-        return "not-applicable", f"the target code does not exist in this release ({entry['reason']})"
-    if state == "drifted":
-        return "skipped", entry["reason"]
-    return "not-applicable", entry["reason"]
+def matrix_context(version: str, entry: dict, hardware=None) -> Context:
+    """A release as the matrix recorded it: each target's state, the feature gate's reason."""
+
+    def read(target):
+        places = [target.key] + [f"{module}:{qualname}" for module, qualname in target.moved]
+        key = next((k for k in places if k in entry.get("targets", {})), None)
+        if key is None:
+            return Source(state=TargetState.ABSENT, reason=f"{target.key} not recorded for sglang {version}")
+        recorded = entry["targets"][key]
+        try:
+            state = TargetState(recorded["state"])
+        except ValueError:
+            state = TargetState.DRIFTED
+        return Source(state=state, reason=f"{key} is {recorded['state']} in sglang {version} (matrix)", fingerprint=recorded.get("fingerprint"))
+
+    def feature(patch):
+        gated = entry.get("state") == "not-applicable" and release_reason(patch, version) is None
+        return entry.get("reason") if gated else None
+
+    return Context(sglang_root=f"(matrix: sglang {version})", version=version, read=read, hardware=hardware, feature=feature)
 
 
 def pin(names: Optional[list], hardware_kind: Optional[str] = None) -> tuple[str, list]:
@@ -63,10 +68,17 @@ def pin(names: Optional[list], hardware_kind: Optional[str] = None) -> tuple[str
     if not names:
         names = [n for n, p in patches.items() if hardware_kind is None or any(hardware_kind in (part.hardware or p.hardware) for part in p.parts)]
     releases = [Version(v) for v in matrix["releases"]]
-    good = [v for v in releases if all(matrix["matrix"][str(v)].get(n, {}).get("state") in ("applies", "upstream") for n in names)]
+    good = [v for v in releases if all(_usable(patches[n], str(v), matrix["matrix"][str(v)].get(n)) for n in names)]
     if not good:
         return "", []
     low, high = good[0], good[-1]
     excluded = [v for v in releases if low <= v <= high and v not in good]
     spec = [f">={low}", f"<={high}"] + [f"!={v}" for v in excluded]
     return "sglang" + ",".join(spec), [str(v) for v in good]
+
+
+def _usable(patch, version: str, entry) -> bool:
+    """Whether the patch applies or is upstream on a release of the matrix (the one decision)."""
+    if entry is None:
+        return False
+    return decide(patch, matrix_context(version, entry)).state in (State.APPLIES, State.UPSTREAM)
