@@ -1,12 +1,14 @@
 """A persistent cache of rewritten code objects, so that apply() does not parse and compile again.
 
-An entry is keyed on everything that determines the rewritten code: the sgl-accel version
-and the text of its rewriting modules and of the patch's module, the patch and target
-names, the whole text of the target's file, the signature of the live function's code
-(bytecode, names, constants, flags, first line) and ``sys.implementation.cache_tag``. The
-entry is written only after the structural guard passed and the function in memory was
-shown to be compiled from that file text; a later process whose key matches has the same
-file text and the same function in memory, so that proof still holds for it.
+An entry holds the verdict of the structural guard for one target (state, reason,
+fingerprint) and, for a target that applies, the compiled rewrite. It is keyed on
+everything that determines them: the sgl-accel version and the text of its rewriting
+modules and of the patch's module, the patch and target names, the target file's stamp
+(path, size, modification time in ns, inode: as pytest keys its rewritten bytecode), the
+signature of the live function's code (bytecode, names, constants, flags, file, first
+line) and ``sys.implementation.cache_tag``. An "applies" entry is written only after the
+function in memory was shown to be compiled from that file; a later process whose key
+matches has the same file and the same function in memory, so that proof holds for it.
 
 Where: ``SGL_ACCEL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/sgl-accel``, else
 ``~/.cache/sgl-accel``), one file per entry under a folder per Python cache tag. Off with
@@ -58,8 +60,13 @@ def code_signature(code) -> str:
     return hashlib.sha256(repr(parts(code)).encode()).hexdigest()
 
 
-def text_digest(lines: list) -> str:
-    return hashlib.sha256("".join(lines).encode("utf-8", "surrogatepass")).hexdigest()
+def file_stamp(path: str) -> str:
+    """What identifies a file's contents without reading it ("" if it cannot be stat'ed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 def entry_key(*fields: str) -> str:
@@ -67,7 +74,8 @@ def entry_key(*fields: str) -> str:
 
 
 class CodeCache:
-    """get/put of (fingerprint, reason, factory code) by key; a disabled cache misses and stores nothing."""
+    """get/put of (state, reason, fingerprint, factory code or None) by key; a disabled cache
+    misses and stores nothing."""
 
     def __init__(self, directory: str | None):
         self.directory = os.path.join(directory, sys.implementation.cache_tag or "none") if directory else None
@@ -76,7 +84,7 @@ class CodeCache:
         return os.path.join(self.directory, hashlib.sha256(key.encode()).hexdigest() + ".bin")
 
     def get(self, key: str):
-        """(fingerprint, reason, code) or None. Never raises."""
+        """(state, reason, fingerprint, code or None), or None. Never raises."""
         if self.directory is None:
             return None
         try:
@@ -84,14 +92,15 @@ class CodeCache:
                 data = f.read()
             if not data.startswith(MAGIC):
                 return None
-            stored_key, fingerprint, reason, code = marshal.loads(data[len(MAGIC):])
+            stored_key, state, reason, fingerprint, code = marshal.loads(data[len(MAGIC):])
         except Exception:  # missing, unreadable, truncated, corrupt, another layout
             return None
-        if stored_key != key or not isinstance(code, types.CodeType) or not isinstance(fingerprint, str) or not isinstance(reason, str):
+        texts = all(isinstance(v, str) for v in (stored_key, state, reason, fingerprint))
+        if stored_key != key or not texts or not (code is None or isinstance(code, types.CodeType)):
             return None
-        return fingerprint, reason, code
+        return state, reason, fingerprint, code
 
-    def put(self, key: str, fingerprint: str, reason: str, code) -> bool:
+    def put(self, key: str, state: str, reason: str, fingerprint: str, code=None) -> bool:
         """Store atomically; False (and nothing written) where the directory is not writable."""
         if self.directory is None:
             return False
@@ -100,7 +109,7 @@ class CodeCache:
         try:
             os.makedirs(self.directory, exist_ok=True)
             with open(temporary, "wb") as f:
-                f.write(MAGIC + marshal.dumps((key, fingerprint, reason, code)))
+                f.write(MAGIC + marshal.dumps((key, str(state), reason, fingerprint, code)))
             os.replace(temporary, path)
             return True
         except Exception:

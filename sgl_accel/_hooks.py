@@ -8,13 +8,17 @@ the real loader back on the module before the hooks run, so nothing after the
 import can tell it was there.
 """
 
-from __future__ import annotations
-
+import _thread  # not threading: start-up imports this module, and _thread is already loaded
 import sys
-import threading
 
-_lock = threading.RLock()
+_lock = _thread.RLock()
 _hooks: dict = {}  # module name -> [callable(module)]
+_ran: dict = {}  # name -> id of the module object whose code has run (the import system may still say "initializing")
+
+
+def has_run(name: str) -> bool:
+    """Whether the code of the watched module now in sys.modules has finished running."""
+    return _ran.get(name) == id(sys.modules.get(name))
 
 
 class _HookedLoader:
@@ -33,12 +37,13 @@ class _HookedLoader:
         spec.loader = self._loader
         module.__loader__ = self._loader
         self._loader.exec_module(module)
+        _ran[self._name] = id(module)
         _fire(self._name, module)
 
 
 class _Finder:  # the meta-path finder protocol: find_spec only
     def __init__(self):
-        self._resolving = threading.local()
+        self._resolving = _thread._local()
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in _hooks:
@@ -86,6 +91,8 @@ def when_imported(name: str, hook, now: bool = True) -> None:
         return
     if getattr(getattr(module, "__spec__", None), "_initializing", False):
         # Mid-import (maybe in another thread): that import has passed the finder already.
+        import threading
+
         threading.Thread(target=_after_import, args=(name, hook), name=f"sgl-accel {name}", daemon=True).start()
     elif now:
         hook(module)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import __version__
-from ._cache import CodeCache, code_signature, entry_key, sgl_accel_digest, text_digest
+from ._cache import CodeCache, code_signature, entry_key, file_stamp, sgl_accel_digest
 from ._config import read as read_settings
 from ._decide import Context, Decision, Source, State, TargetState, decide, modules_of as _modules_in, source_feature
 from ._detect import Hardware, SglangInstall, detect_hardware, hardware_override, kernel_available, sglang_install
@@ -166,20 +166,21 @@ def modules_of(patch: Patch) -> list:
     return _modules_in(patch, _sglang_info().location)
 
 
-_executed: set = set()  # modules whose code has run (the import hook fires before the import system says so)
-
-
 def _imported(name: str) -> bool:
     """In sys.modules and finished executing (a module another thread is importing is pending)."""
+    from ._hooks import has_run
+
     module = sys.modules.get(name)
     if module is None:
         return False
-    return name in _executed or not getattr(getattr(module, "__spec__", None), "_initializing", False)
+    return has_run(name) or not getattr(getattr(module, "__spec__", None), "_initializing", False)
 
 
 def live_context(patch: Patch, force: bool = False, allow_untested: bool = False) -> Context:
     """The context of this process: live functions, detected hardware, importable kernels."""
     info = _sglang_info()
+    settings = read_settings()
+    cache = CodeCache(settings.cache_dir if settings.cache else None)
 
     def tested(key, fingerprint):
         from .compat import is_tested
@@ -189,7 +190,7 @@ def live_context(patch: Patch, force: bool = False, allow_untested: bool = False
     return Context(
         sglang_root=info.location,
         version=info.version,
-        read=lambda target: _read_live(patch, target),
+        read=lambda target: _read_live(patch, target, cache),
         hardware=None if force else _LazyHardware(),
         kernels=kernel_available,
         feature=source_feature(info.location) if info.location else None,
@@ -218,7 +219,9 @@ class _Live:
     function: object  # the innermost Python function
     module: object
     lines: list = field(default_factory=list)
+    cache: Optional[CodeCache] = None
     cache_key: Optional[str] = None
+    cached: bool = False  # the verdict came from the cache
     cached_code: object = None
 
 
@@ -260,7 +263,7 @@ def _describe(obj) -> str:
     return f"a {type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def _read_live(patch: Patch, target: Target) -> Source:
+def _read_live(patch: Patch, target: Target, cache: Optional[CodeCache] = None) -> Source:
     """What ``decide`` judges for one live target: its def, a cache hit, or a state."""
     owner, reason = _owner_of(target)
     if owner is None:
@@ -272,8 +275,8 @@ def _read_live(patch: Patch, target: Target) -> Source:
         return Source(state=TargetState.WRAPPED, reason=refused)
     if getattr(function, PATCH_MARK, None):
         return Source(state=TargetState.DRIFTED, reason=f"{target.qualname} is already patched by sgl-accel ({getattr(function, PATCH_MARK)})")
-    live = _Live(target, owner, target.qualname.rsplit(".", 1)[-1], raw, function, sys.modules[target.module])
-    cached = _from_cache(patch, live)
+    live = _Live(target, owner, target.qualname.rsplit(".", 1)[-1], raw, function, sys.modules[target.module], cache=cache)
+    cached = _from_cache(patch, live, len(wrappers))
     if cached is not None:
         return cached
     node, reason = _live_def(live)
@@ -362,21 +365,35 @@ def _matches_memory(live: _Live, node) -> bool:
 # --------------------------------------------------------------------------- the code-object cache
 
 
-def _from_cache(patch: Patch, live: _Live) -> Optional[Source]:
-    """A cached verdict for this exact file text and function in memory (see _cache), or None."""
-    settings = read_settings()
-    if not settings.cache:
-        return None
-    lines = _source_lines(live)
-    if not lines:
+def _from_cache(patch: Patch, live: _Live, wrappers: int) -> Optional[Source]:
+    """The verdict cached for this exact file and function in memory (see _cache), or None."""
+    if live.cache is None or live.cache.directory is None:
         return None
     code = live.function.__code__
-    live.cache_key = entry_key(sgl_accel_digest(patch_module_file(patch)), patch.name, _rules_text(patch, live.target), live.target.key, text_digest(lines), code_signature(code))
-    hit = CodeCache(settings.cache_dir).get(live.cache_key)
+    stamp = file_stamp(code.co_filename)
+    if not stamp:
+        return None
+    live.cache_key = entry_key(sgl_accel_digest(patch_module_file(patch)), patch.name, _rules_text(patch, live.target), live.target.key, stamp, code_signature(code), str(wrappers))
+    hit = live.cache.get(live.cache_key)
     if hit is None:
         return None
-    fingerprint, reason, live.cached_code = hit
-    return Source(state=TargetState.APPLIES, reason=reason, fingerprint=fingerprint, handle=live)
+    state, reason, fingerprint, live.cached_code = hit
+    try:
+        state = TargetState(state)
+    except ValueError:
+        return None
+    live.cached = True
+    return Source(state=state, reason=reason, fingerprint=fingerprint or None, handle=live)
+
+
+def _remember_verdicts(decision: Decision) -> None:
+    """Cache the guard's verdicts that will not be built (those are cached with their code)."""
+    for part in decision.parts:
+        for t in part.targets:
+            live = getattr(t.source, "handle", None)
+            if isinstance(live, _Live) and live.cache_key and not live.cached and t.state in (TargetState.UPSTREAM, TargetState.DRIFTED):
+                live.cache.put(live.cache_key, t.state, t.reason, t.fingerprint or "")
+                live.cached = True
 
 
 def _rules_text(patch: Patch, target: Target) -> str:
@@ -389,7 +406,7 @@ def _rules_text(patch: Patch, target: Target) -> str:
 
 def _remember(live: _Live, decided, code) -> None:
     if live.cache_key is not None and live.cached_code is None:
-        CodeCache(read_settings().cache_dir).put(live.cache_key, decided.fingerprint or "", decided.reason, code)
+        live.cache.put(live.cache_key, TargetState.APPLIES, decided.reason, decided.fingerprint or "", code)
 
 
 # --------------------------------------------------------------------------- building
@@ -459,15 +476,20 @@ def patched_forms(name: str, force: bool = True) -> dict:
 
 @contextmanager
 def swapped(pairs):
-    """Put ``(owner, attr, obj)`` in place for the duration of a block; the previous objects after."""
-    saved = [(owner, attr, owner.__dict__[attr]) for owner, attr, _ in pairs]
+    """Put ``(owner, attr, obj)`` in place for the duration of a block; what was there after
+    (an attribute that was not there is removed again)."""
+    missing = object()
+    saved = [(owner, attr, vars(owner).get(attr, missing)) for owner, attr, _ in pairs]
     try:
         for owner, attr, obj in pairs:
             setattr(owner, attr, obj)
         yield
     finally:
         for owner, attr, obj in reversed(saved):
-            setattr(owner, attr, obj)
+            if obj is not missing:
+                setattr(owner, attr, obj)
+            elif attr in vars(owner):
+                delattr(owner, attr)
 
 
 def applied_objects() -> dict:
@@ -490,6 +512,7 @@ def _try_apply(name: str) -> None:
         state.swaps = []
     try:
         decision = decide(patch, live_context(patch, state.force, state.allow_untested))
+        _remember_verdicts(decision)
         if decision.state is State.PENDING_IMPORT:
             _install_hooks(decision.missing)
         _install_hooks(modules_of(patch))  # a reload re-runs a module: the hook re-applies
@@ -670,7 +693,6 @@ def _on_import(module) -> None:
     """Runs right after a target module is imported (or re-executed by a reload). Never raises."""
     try:
         with _LOCK:
-            _executed.add(module.__name__)
             for name, state in list(_states.items()):
                 patch = all_patches().get(name)
                 if patch is None or not state.wanted or module.__name__ not in modules_of(patch):

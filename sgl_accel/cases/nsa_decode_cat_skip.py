@@ -42,7 +42,6 @@ any device with ROCm flags emulated.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import sys
@@ -322,22 +321,11 @@ def _recording(bed: Bed):
     return fused_qk_rope_cat_and_cache_mla
 
 
-@contextlib.contextmanager
 def emulated(sets: list):
     """Set module attributes for the duration of the block; restore them afterwards."""
-    missing = object()
-    saved = [(module, name, vars(module).get(name, missing)) for module, name, _ in sets]
-    try:
-        for module, name, value in sets:
-            setattr(module, name, value)
-        yield
-    finally:
-        for module, name, old in reversed(saved):
-            if old is missing:
-                if name in vars(module):
-                    delattr(module, name)
-            else:
-                setattr(module, name, old)
+    from sgl_accel.seams import swapped
+
+    return swapped(sets)
 
 
 def _real_fused_kernel():
