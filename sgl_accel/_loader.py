@@ -296,9 +296,10 @@ def _foreign(target: Target, function, wrappers) -> Optional[str]:
         return f"{name} is {how}; sgl-accel does not unwrap it"
     if getattr(function, PATCH_MARK, None):
         return None
-    if function.__module__ != target.module or function.__qualname__ != target.qualname:
+    module = sys.modules.get(target.module)
+    if module is not None and function.__globals__ is not module.__dict__:  # another module's code
         return f"{name} is replaced at run time by {function.__module__}.{function.__qualname__} ({_describe(function)}); left alone"
-    return None
+    return None  # the module's own code: the structural guard judges its def
 
 
 def _closure_of(function) -> dict:
