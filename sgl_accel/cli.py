@@ -136,7 +136,7 @@ def cmd_bench(args) -> int:
         print(f"sgl-accel: {problem}", file=sys.stderr)
         return 2
     if args.apply_cost:
-        result = _bench.apply_cost_report(pairs=args.pairs, emulate=args.emulate)
+        result = _bench.apply_cost_report(pairs=args.pairs, emulate=args.emulate, apply_pairs=args.apply_pairs)
         print(json.dumps(result, indent=2) if args.json else _bench.render_apply_cost(result))
         return 0
     result = _bench.main_report(names, args.device, args.quick, loader=not args.no_loader)
@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-loader", action="store_true", help="skip the loader's own costs")
     p.add_argument("--apply-cost", action="store_true", help="start-up and apply() costs as ratios to a bare interpreter (interleaved pairs, medians)")
     p.add_argument("--pairs", type=int, default=30, help="interleaved pairs for --apply-cost (default 30)")
+    p.add_argument("--apply-pairs", type=int, help="pairs for the apply() figures (default: --pairs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
