@@ -85,7 +85,8 @@ def configure_logging(level) -> None:
     logger.setLevel(level)
     if not any(getattr(h, "_sgl_accel", False) for h in logger.handlers):
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        # The process id tells apart the lines of sglang's processes (engine, scheduler, detokenizer).
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
         handler._sgl_accel = True
         logger.addHandler(handler)
         logger.propagate = False

@@ -58,9 +58,11 @@ class TargetState(_Vocabulary):
     WRAPPED = "wrapped"  # run-time code wrapped or replaced it: never unwrapped
     PENDING_IMPORT = "pending-import"  # its module is not imported yet
     NOT_CHECKED = "not-checked"  # its part is excluded by a gate
+    REPLACED = "replaced"  # the release replaced it with other code doing the same job (Target.replaced)
+    OLDER_FORM = "older-form"  # an older form the patch was not written for (Target.older)
     APPLIED = "applied"  # rewritten and in place
     REVERTED = "reverted"  # the original is back
-    REPLACED = "replaced"  # other code replaced our function since: left to it
+    OVERWRITTEN = "overwritten"  # other code replaced our function since: left to it
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Context:
     tested: Optional[Callable] = None  # tested(target key, fingerprint) -> bool
     missing_modules: Callable = lambda modules: []  # live: the modules not imported yet
     force: bool = False
+    reader: object = None  # a _guard.SourceReader of the release, for SourceCheck markers
 
 
 @dataclass
@@ -226,7 +229,7 @@ def _decide_part(patch, part, targets, ctx: Context) -> PartDecision:
         reason = hardware_reason(patch, part, ctx.hardware)
         if reason:
             return PartDecision(part.name, State.NOT_APPLICABLE, reason, [TargetDecision(t, TargetState.NOT_CHECKED, reason) for t in targets])
-    checked = [check_target(t, ctx.read(t)) for t in targets]
+    checked = [check_target(t, ctx.read(t), ctx.reader) for t in targets]
     states = {t.state for t in checked}
     if states == {TargetState.UPSTREAM}:
         return PartDecision(part.name, State.UPSTREAM, "", checked)
@@ -240,11 +243,11 @@ def _decide_part(patch, part, targets, ctx: Context) -> PartDecision:
     return PartDecision(part.name, State.APPLIES, "", checked)
 
 
-def check_target(target, source: Source) -> TargetDecision:
+def check_target(target, source: Source, reader=None) -> TargetDecision:
     """The structural guard on what the reader found (a decided source is taken as is)."""
     if source.state is not None:
         return TargetDecision(target, source.state, source.reason, source.fingerprint, source=source)
-    verdict = check_def(target, source.node)
+    verdict = check_def(target, source.node, reader)
     state = TargetState(verdict.state)
     reason = verdict.reason
     if state is TargetState.APPLIES and source.confirm is not None:

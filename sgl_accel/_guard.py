@@ -19,25 +19,44 @@ from typing import Optional
 from ._rewrite import NodeIndex, clone, fingerprint, find_def
 
 
+# Target states besides applies | upstream | drifted | absent (see Target.replaced / .older).
+REPLACED = "replaced"
+OLDER_FORM = "older-form"
+
+
+@dataclass(frozen=True)
+class SourceCheck:
+    """A marker that also reads other modules of the release: ``check(def_node, reader) -> int``
+    (sites found). ``modules``: what it reads, so the scanner extracts them from a wheel.
+    Without a reader (no source to read) it finds nothing. In ``Target.older`` it is also
+    asked when the target does not exist (``def_node`` None): the older form lives elsewhere."""
+
+    description: str
+    check: object
+    modules: tuple = ()
+
+
 @dataclass
 class Verdict:
-    state: str  # applies | upstream | drifted | absent
+    state: str  # applies | upstream | drifted | absent | replaced | older-form
     reason: str
     fingerprint: Optional[str] = None
     original: Optional[ast.AST] = None
     patched: Optional[ast.AST] = None
 
 
-def check_def(target, def_node) -> Verdict:
+def check_def(target, def_node, reader=None) -> Verdict:
+    """``reader``: a SourceReader of the release, for SourceCheck markers."""
     if def_node is None:
-        return Verdict("absent", f"{target.qualname} not found in {target.module}")
+        return _absent_or_older_elsewhere(target, reader)
     fp = fingerprint(def_node)
-    from ._rewrite import count_matches
-
     index = NodeIndex(def_node)
     for marker in target.upstream:
-        if _marker_hits(marker, def_node, index):
-            return Verdict("upstream", f"{target.qualname} already has the change", fp, def_node)
+        if _marker_hits(marker, def_node, index, reader):
+            return Verdict("upstream", f"{target.qualname} already has the change ({marker_text(marker)})", fp, def_node)
+    for marker, why in target.replaced:
+        if _marker_hits(marker, def_node, index, reader):
+            return Verdict(REPLACED, f"{target.qualname}: {why}", fp, def_node)
     if index.uses_private_names():
         return Verdict("drifted", f"{target.qualname} uses class-private names", fp, def_node)
     patched = clone(def_node)
@@ -47,17 +66,37 @@ def check_def(target, def_node) -> Verdict:
         if sites != rule.count:
             problems.append(f"'{rule.description}' matched {sites} site(s), expected {rule.count}")
     if problems:
+        for marker, why in target.older:
+            if _marker_hits(marker, def_node, index, reader):
+                return Verdict(OLDER_FORM, f"{target.qualname}: {why}", fp, def_node)
         return Verdict("drifted", f"{target.qualname}: " + "; ".join(problems), fp, def_node)
     return Verdict("applies", f"{target.qualname} has the expected shape", fp, def_node, patched)
 
 
-def _marker_hits(marker, def_node, index) -> int:
-    """A marker is a pattern string, or a rule object (Present/Custom) run on a copy."""
+def _absent_or_older_elsewhere(target, reader) -> Verdict:
+    """A missing target is "absent", unless an ``older`` SourceCheck finds (with no def to
+    read: ``check(None, reader)``) the older form of that code elsewhere in the release."""
+    for marker, why in target.older:
+        if isinstance(marker, SourceCheck) and reader is not None and marker.check(None, reader):
+            return Verdict(OLDER_FORM, f"{target.qualname}: {why}")
+    return Verdict("absent", f"{target.qualname} not found in {target.module}")
+
+
+def _marker_hits(marker, def_node, index, reader=None) -> int:
+    """A marker is a pattern string, a rule object (Present/Custom) run on a copy, or a SourceCheck."""
     from ._rewrite import count_matches
 
     if isinstance(marker, str):
         return count_matches(def_node, marker, index)
+    if isinstance(marker, SourceCheck):
+        return marker.check(def_node, reader) if reader is not None else 0
     return marker.apply(clone(def_node))  # a Custom rule may change the tree
+
+
+def marker_text(marker) -> str:
+    """How a report names a marker: its pattern, or its description."""
+    text = marker if isinstance(marker, str) else marker.description
+    return " ".join(text.split())
 
 
 def module_file(module: str, sglang_root: str) -> Optional[Path]:
@@ -87,7 +126,7 @@ def static_def(target, sglang_root: str):
 
 
 def check_static(target, sglang_root: str) -> Verdict:
-    return check_def(target, static_def(target, sglang_root))
+    return check_def(target, static_def(target, sglang_root), SourceReader(sglang_root))
 
 
 class SourceReader:
@@ -124,11 +163,11 @@ class SourceReader:
 
 
 def resolve(target, sglang_root: Optional[str]):
-    """The target as it is named in this sglang: its own place, or the first ``moved`` one
-    whose source defines the function (read without importing)."""
+    """The target as it is named in this sglang: the first ``moved`` place (newest first) whose
+    source defines the function, else its own place (read without importing)."""
     if not target.moved or sglang_root is None:
         return target
-    for module, qualname in ((target.module, target.qualname), *target.moved):
+    for module, qualname in (*target.moved, (target.module, target.qualname)):
         if _defines(module_file(module, sglang_root), qualname):
             return dataclasses.replace(target, module=module, qualname=qualname, moved=())
     return target

@@ -5,8 +5,8 @@ module): name -> (opt_in, modules whose import brings a target)."""
 
 PATCHES = {
     'ascend-cp-attn-batch': (False, ('sglang.srt.hardware_backend.npu.attention.ascend_backend',)),
-    'ascend-dflash': (False, ('sglang.srt.hardware_backend.npu.attention.ascend_backend', 'sglang.srt.hardware_backend.npu.graph_runner.npu_graph_runner', 'sglang.srt.models.dflash', 'sglang.srt.speculative.dflash_worker')),
+    'ascend-dflash': (False, ('sglang.srt.arg_groups.speculative_hook', 'sglang.srt.hardware_backend.npu.attention.ascend_backend', 'sglang.srt.hardware_backend.npu.graph_runner.npu_graph_runner', 'sglang.srt.models.dflash', 'sglang.srt.speculative.dflash_worker', 'sglang.srt.speculative.dflash_worker_v2')),
     'ascend-gdn-conv1d-v2': (False, ('sglang.srt.hardware_backend.npu.attention.ascend_gdn_backend',)),
-    'nsa-decode-cat-skip': (False, ('sglang.srt.layers.attention.dsa_backend', 'sglang.srt.layers.attention.nsa_backend', 'sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla')),
+    'nsa-decode-cat-skip': (False, ('sglang.srt.layers.attention.dsa_backend', 'sglang.srt.layers.attention.nsa_backend', 'sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla', 'sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla_rocm')),
     'nsa-indexer-fusion': (False, ('sglang.srt.layers.attention.dsa.dsa_indexer', 'sglang.srt.layers.attention.nsa.nsa_indexer')),
 }

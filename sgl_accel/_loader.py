@@ -27,6 +27,7 @@ from . import __version__
 from ._cache import CodeCache, code_signature, entry_key, file_stamp, sgl_accel_digest
 from ._config import read as read_settings
 from ._decide import Context, Decision, Source, State, TargetState, decide, modules_of as _modules_in, source_feature
+from ._guard import SourceReader
 from ._detect import Hardware, SglangInstall, detect_hardware, hardware_override, kernel_available, sglang_install
 from ._registry import Patch, Target, all_patches, default_names, patch_module_file, resolve_names
 from ._report import PatchReport, Report, TargetReport
@@ -197,6 +198,7 @@ def live_context(patch: Patch, force: bool = False, allow_untested: bool = False
         tested=None if allow_untested else tested,
         missing_modules=lambda modules: [m for m in modules if not _imported(m)],
         force=force,
+        reader=SourceReader(info.location) if info.location else None,
     )
 
 
@@ -593,7 +595,7 @@ def _revert_swaps(name: str, state: _State) -> None:
     def outcome(swap):
         if any(swap is s for s in stuck):
             return TargetState.APPLIED
-        return TargetState.REPLACED if any(swap is s for s in replaced) else TargetState.REVERTED
+        return TargetState.OVERWRITTEN if any(swap is s for s in replaced) else TargetState.REVERTED
 
     targets = [TargetReport(_swap_key(s), outcome(s)) for s in swaps if s.target is not None]
     if stuck:

@@ -13,7 +13,7 @@ import difflib
 from typing import Optional
 
 from ._decide import Context, Decision, Source, decide, parts_of, source_feature
-from ._guard import check_static, module_file, static_def
+from ._guard import SourceReader, check_static, module_file, static_def
 from ._registry import Patch
 from ._report import PatchReport, TargetReport
 
@@ -38,6 +38,7 @@ def source_context(sglang_root: Optional[str], version: Optional[str], hardware=
         kernels=kernels,
         feature=source_feature(sglang_root) if sglang_root else None,
         tested=tested,
+        reader=SourceReader(sglang_root) if sglang_root else None,
     )
 
 

@@ -42,8 +42,16 @@ class Target:
     rules: Sequence = ()
     upstream: Sequence[str] = ()
     # Other (module, qualname) places later releases keep this function (e.g. NSA renamed
-    # DSA in 0.5.13); the first place whose source defines it is the target there.
+    # DSA in 0.5.13), newest first; the first of them whose source defines it is the target
+    # there, and the own place only when none does (a later release may keep an older copy
+    # of the function at the old place while the live code moved on).
     moved: Sequence = ()
+    # (marker, why): the release replaced this code with something that does the same job
+    # better (e.g. another kernel); the target is left alone and reported "replaced".
+    replaced: Sequence = ()
+    # (marker, why), checked when the rules do not match: the function exists in an older
+    # form the patch was not written for; reported "older-form" instead of "drifted".
+    older: Sequence = ()
 
     @property
     def key(self) -> str:
@@ -132,6 +140,11 @@ def register_extra(patch: Patch) -> None:
 
 def unregister_extra(name: str) -> None:
     _extra.pop(name, None)
+
+
+class NotNeeded(str):
+    """A feature gate's reason meaning the release's own code is correct: the fix targets a
+    state this release never had (the compatibility matrix reports it "not-needed")."""
 
 
 class UnknownPatchError(ValueError):

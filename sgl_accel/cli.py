@@ -80,20 +80,27 @@ def cmd_plan(args) -> int:
 
 
 def cmd_pin(args) -> int:
+    """The sglang releases on which every named patch gives its benefit (see compat.query)."""
     from ._detect import parse_hardware
     from ._registry import resolve_names
-    from .compat.query import pin
+    from .compat.query import explain, pin
 
     names = resolve_names(args.patches) if args.patches else None
     kind = parse_hardware(args.hardware).kind if args.hardware else None
-    requirement, releases = pin(names, kind)
-    if not requirement:
-        print("sgl-accel: no sglang release in the matrix satisfies every named patch", file=sys.stderr)
+    result = pin(names, kind)
+    if args.explain:
+        print(explain(result))
+    if not result.requirement:
+        print(f"sgl-accel: no sglang release in the matrix gives the benefit of every one of {', '.join(result.names)}", file=sys.stderr)
         return 1
     if args.format == "constraints":
-        text = f"# sgl-accel {__version__}: sglang releases where {', '.join(names or ['every patch'])} apply or are upstream\n# ({', '.join(releases)})\n{requirement}\n"
+        text = (
+            f"# sgl-accel {__version__}: sglang releases with the benefit of {', '.join(result.names)}\n"
+            f"# (applied by sgl-accel, already upstream, replaced by equivalent code, or not needed): "
+            f"{', '.join(result.releases)}\n{result.requirement}\n"
+        )
     else:
-        text = requirement + "\n"
+        text = result.requirement + "\n"
     if args.output:
         try:
             with open(args.output, "w") as f:
@@ -181,9 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("pin", help="a pip requirement for the sglang releases where the patches apply or are upstream")
-    p.add_argument("patches", nargs="*", help="patch names (default: all, or all for --hardware)")
+    p = sub.add_parser(
+        "pin",
+        help="a pip requirement for the sglang releases on which every named patch gives its benefit "
+        "(applied by sgl-accel, already upstream, replaced by equivalent code, or not needed)",
+    )
+    p.add_argument("patches", nargs="*", help="patch names (default: every patch but the opt-in ones, or those for --hardware)")
     p.add_argument("--hardware", help="only the patches for this hardware when no name is given")
+    p.add_argument("--explain", action="store_true", help="also print, per release, each patch's state and reason")
     p.add_argument("--format", choices=("requirement", "constraints"), default="requirement")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_pin)

@@ -198,7 +198,7 @@ def test_7_revert_leaves_another_librarys_function_and_a_later_apply_decides_afr
     with caplog.at_level(logging.WARNING, logger="sgl_accel"):
         report = sgl_accel.revert(["demo-patch"])["demo-patch"]
     assert report.state == "skipped" and f"left to other code: {demo}:scale" in report.reason
-    assert {t.target: t.state for t in report.targets}[f"{demo}:scale"] == "replaced"
+    assert {t.target: t.state for t in report.targets}[f"{demo}:scale"] == "overwritten"
     assert module.scale is theirs and module.Model.__dict__["run"] is before["run"]
     again = sgl_accel.apply(["demo-patch"])["demo-patch"]
     assert again.state == "skipped" and "replaced at run time" in again.reason

@@ -360,7 +360,8 @@ def test_a_drifted_part_is_reported_and_the_other_applies(accel, pre_change, mon
     untouched = {q.split(".")[1]: module.Indexer.__dict__[q.split(".")[1]] for q in (*HEAD_GATES, *WRITE_BACKS)}
     report = _apply()
     assert report.parts[drift].startswith("skipped:") and f"Indexer.{target}" in report.parts[drift], report.parts
-    assert "matched 0 site(s)" in report.parts[drift]
+    # 0.5.9's write-back is a known older form (named so); the other drift is of unknown shape.
+    assert ("older form" if drift == "rope-writeback" else "matched 0 site(s)") in report.parts[drift]
     other_part = next(p for p in report.parts if p != drift)
     assert report.parts[other_part] == "applied"
     assert report.state == "applied" and f"{drift}: skipped" in report.reason

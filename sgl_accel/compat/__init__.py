@@ -14,7 +14,21 @@ import json
 from pathlib import Path
 
 MATRIX_PATH = Path(__file__).with_name("matrix.json")
-STATES = ("applies", "upstream", "not-applicable", "absent", "drifted")
+
+# The states of a matrix cell (release x patch), what each means to a user, and whether the
+# user has the patch's benefit on that release (what `sgl-accel pin` counts).
+STATE_MEANING = {
+    "applies": "sgl-accel patches this release",
+    "upstream": "the release already has the change (in the place the patch names or where a later release moved it)",
+    "replaced": "the release replaced the target with other code that does the same job",
+    "not-needed": "the release's own code is correct: the fix targets a state this release never had",
+    "older-form": "the target exists in an older form that the patch was not written for",
+    "not-applicable": "the release is outside the patch's range",
+    "absent": "the code the patch changes does not exist in this release",
+    "drifted": "the target exists with another shape; sgl-accel leaves it alone",
+}
+STATES = tuple(STATE_MEANING)
+BENEFIT_STATES = ("applies", "upstream", "replaced", "not-needed")
 
 
 @functools.lru_cache(maxsize=1)
@@ -26,10 +40,15 @@ def load_matrix() -> dict:
 
 
 def matrix_state(report) -> str:
-    """Fold a plan report (see _plan.plan_patch) into a matrix state."""
+    """Fold a plan report (see _plan.plan_patch) into a matrix state, judged from the source only
+    (the scanner then applies the release range and the feature gate's kind, see scanner.cell)."""
+    targets = [t.state for t in report.targets]
+    if "older-form" in targets and "upstream" not in targets:
+        return "older-form"
     if report.state in ("applies", "upstream", "not-applicable"):
         return report.state
-    targets = [t.state for t in report.targets]
+    if "replaced" in targets and set(targets) <= {"replaced", "upstream"}:
+        return "replaced"
     # Part of the feature missing, none of it upstream: the code the patch needs is not there.
     if "absent" in targets and "upstream" not in targets:
         return "absent"

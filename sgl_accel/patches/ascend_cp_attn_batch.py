@@ -21,16 +21,23 @@ Where it applies: the broken pair (per-sequence metadata + scalar-reading
 ``do_cp_attn_fia``) exists only in source installs between #23269 and #26705.
 Released 0.5.11 / 0.5.12.post1 keep scalar metadata and ``can_cp_split`` forces
 batch 1, so their code is correct and the feature gate reports not-applicable;
-0.5.13.post1 contains both changes (upstream). ``force=True`` is safe anywhere
+0.5.13 to 0.5.22 contain both changes (upstream); 0.5.23 moved the split into the CP-v2
+strategy (``ZigzagCPStrategy.run_attention`` splits at ``total_q_prev_tokens`` and passes
+per-sequence lengths; ``do_cp_attn_fia`` only supplies the FIA call), also upstream. The
+gate's "scalar metadata" answer is a ``NotNeeded`` reason: the matrix reports those
+releases ``not-needed`` (their own code is correct), not "not applicable". ``force=True`` is safe anywhere
 the structural guard accepts the function. Drop this patch once no supported
 install predates #26705.
 """
 
-from sgl_accel._registry import Patch, Part, Target
+from sgl_accel._guard import SourceCheck
+from sgl_accel._registry import NotNeeded, Patch, Part, Target
 from sgl_accel._rewrite import Rule
 
 _BACKEND_MODULE = "sglang.srt.hardware_backend.npu.attention.ascend_backend"
 _CP_UTILS_MODULE = "sglang.srt.layers.utils.cp_utils"
+# 0.5.23: the zigzag CP strategy owns the prev/next split and the per-sequence lengths.
+_ZIGZAG_MODULE = "sglang.srt.layers.cp.zigzag"
 
 # The per-sequence fields the rewritten code reads (upstream #23269).
 PER_SEQUENCE_FIELDS = (
@@ -96,7 +103,7 @@ def _gate(reader):
     missing = [name for name in PER_SEQUENCE_FIELDS if name not in fields]
     if missing:
         scalars = ", ".join(n for n in SCALAR_FIELDS if n in fields) or "none"
-        return (
+        return NotNeeded(
             f"ContextParallelMetadata has the scalar batch-1 fields ({scalars}), not the per-sequence "
             f"ones ({', '.join(missing)}; upstream #23269): can_cp_split keeps CP prefill at batch 1 "
             "there, where the installed do_cp_attn_fia is correct"
@@ -107,6 +114,28 @@ def _gate(reader):
         return "AscendAttnBackend.do_cp_attn_fia does not read the scalar metadata fields"
     return None
 
+
+def _split_by_cp_strategy(def_node, reader) -> int:
+    """do_cp_attn_fia hands q to the CP strategy's run_attention, and the zigzag strategy's
+    run_attention splits at total_q_prev_tokens with per-sequence cumulative lengths."""
+    import ast
+
+    calls = sum(
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "run_attention"
+        for n in ast.walk(def_node)
+    )
+    strategy = reader.find(_ZIGZAG_MODULE, "ZigzagCPStrategy.run_attention")
+    if not calls or strategy is None:
+        return 0
+    text = ast.unparse(strategy)
+    return calls if "meta.total_q_prev_tokens" in text and "cu_seqlens_q_prev_tensor" in text else 0
+
+
+_SPLIT_BY_CP_STRATEGY = SourceCheck(
+    "the CP strategy's run_attention splits at total_q_prev_tokens (layers/cp/zigzag.py)",
+    _split_by_cp_strategy,
+    modules=(_ZIGZAG_MODULE,),
+)
 
 PATCH = Patch(
     name="ascend-cp-attn-batch",
@@ -165,6 +194,7 @@ PATCH = Patch(
                         "__meta.total_q_prev_tokens",
                         "__meta.actual_seq_q_prev_list",
                         "__meta.kv_len_prev_list",
+                        _SPLIT_BY_CP_STRATEGY,
                     ],
                 )
             ],

@@ -31,6 +31,7 @@ has the change (upstream); 0.5.10.post1 has no DFlash. Drop this patch once no
 supported release predates 0.5.13.
 """
 
+from sgl_accel._guard import SourceCheck
 from sgl_accel._registry import Patch, Part, Target
 from sgl_accel._rewrite import Rule
 
@@ -39,6 +40,50 @@ WORKER_MODULE = "sglang.srt.speculative.dflash_worker"
 GRAPH_RUNNER_MODULE = "sglang.srt.hardware_backend.npu.graph_runner.npu_graph_runner"
 BACKEND_MODULE = "sglang.srt.hardware_backend.npu.attention.ascend_backend"
 KERNEL = "sgl_kernel_npu.norm.split_qkv_rmsnorm_rope:split_qkv_rmsnorm_rope"
+
+# Where later releases keep the pieces (newest first). 0.5.14 replaced the V1 worker by
+# DFlashWorkerV2; 0.5.15 moved the draft-backend check into the server-args hook; 0.5.14
+# folded NPUGraphRunner.replay's input refresh into NPUGraphRunner.execute.
+WORKER_V2_MODULE = "sglang.srt.speculative.dflash_worker_v2"
+SPEC_HOOK = ("sglang.srt.arg_groups.speculative_hook", "_resolve_dflash_draft_attention_backend")
+CHOICES_MODULE = "sglang.srt.arg_groups.choices"
+
+
+def _literal_strings(node) -> set:
+    import ast
+
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    return set()
+
+
+def _accepts_ascend_draft(def_node, reader) -> int:
+    """Sites where ``supported_draft_backends`` holds "ascend": a literal tuple in the function,
+    or (0.5.20+) the name of sglang's draft-backend choices list, read from arg_groups/choices.py."""
+    import ast
+
+    found = 0
+    for node in ast.walk(def_node):
+        if not (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "supported_draft_backends" for t in node.targets)):
+            continue
+        value = node.value
+        if isinstance(value, ast.Name):
+            choices = reader.module(CHOICES_MODULE)
+            value = next(
+                (
+                    n.value
+                    for n in (choices.body if choices is not None else [])
+                    if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == value.id for t in n.targets)
+                ),
+                None,
+            )
+        found += "ascend" in _literal_strings(value)
+    return found
+
+
+ACCEPTS_ASCEND_DRAFT = SourceCheck(
+    "supported_draft_backends includes 'ascend'", _accepts_ascend_draft, modules=(CHOICES_MODULE,)
+)
 
 
 def _helpers():
@@ -235,7 +280,8 @@ PATCH = Patch(
                             replace='supported_draft_backends = ("flashinfer", "fa3", "fa4", "triton", "ascend")',
                         ),
                     ],
-                    upstream=['supported_draft_backends = ("flashinfer", "fa3", "fa4", "triton", "ascend")'],
+                    upstream=[ACCEPTS_ASCEND_DRAFT],
+                    moved=[SPEC_HOOK, (WORKER_V2_MODULE, "DFlashWorkerV2.__init__")],
                 ),
                 Target(
                     WORKER_MODULE,
@@ -248,6 +294,7 @@ PATCH = Patch(
                         ),
                     ],
                     upstream=["__attn.forward_prepare_npu(__positions, __hidden)"],
+                    moved=[(WORKER_V2_MODULE, "DFlashWorkerV2._append_target_hidden_sequential")],
                 ),
                 Target(
                     GRAPH_RUNNER_MODULE,
@@ -272,6 +319,7 @@ PATCH = Patch(
                         ),
                     ],
                     upstream=["self.buffers.input_embeds[: self.raw_num_token].copy_(forward_batch.input_embeds)"],
+                    moved=[(GRAPH_RUNNER_MODULE, "NPUGraphRunner.execute")],
                 ),
                 Target(
                     BACKEND_MODULE,

@@ -43,13 +43,18 @@ Behaviour the kernel brings, decided here:
   costs more than the patch saves and breaks graph capture. Disable the patch
   (SGL_ACCEL_DISABLE=ascend-gdn-conv1d-v2) for a model whose conv inputs reach 6.5e4.
 
-Releases (scanner + tests): 0.5.11 applies; 0.5.12.post1 and 0.5.13.post1 already call v2
-(upstream); 0.5.10.post1 has no ascend_gdn_backend. Drop this patch once no supported
-release predates 0.5.12.post1.
+Releases (scanner + tests): 0.5.11 applies; 0.5.12 to 0.5.17 already call v2 (upstream);
+from 0.5.18 the verify branch calls the AscendC ``torch.ops.npu.causal_conv1d`` op
+(``run_mode=1``: conv and conv-state update of the packed draft tokens in one op), which
+replaces both update kernels (``replaced``). 0.5.10.post1 and older have no
+ascend_gdn_backend: GDN on NPU runs the generic GDN backend on sgl_kernel_npu's Triton
+``causal_conv1d_update_npu`` (``older-form``; the AscendC op this patch replaces is not
+used). Drop this patch once no supported release predates 0.5.12.
 """
 
+from sgl_accel._guard import SourceCheck
 from sgl_accel._registry import Part, Patch, Target
-from sgl_accel._rewrite import Present, Rule
+from sgl_accel._rewrite import Custom, Present, Rule
 
 MODULE = "sglang.srt.hardware_backend.npu.attention.ascend_gdn_backend"
 QUALNAME = "AscendGDNAttnBackend.forward_extend"
@@ -79,6 +84,63 @@ _RULES = [
     ),
 ]
 
+def _verify_on_fused_ascendc_conv(def_node) -> int:
+    """Calls of the AscendC ``torch.ops.npu.causal_conv1d`` op in decode/verify mode (``run_mode=1``)."""
+    import ast
+
+    found = 0
+    for node in ast.walk(def_node):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.ops.npu.causal_conv1d":
+            found += any(k.arg == "run_mode" and isinstance(k.value, ast.Constant) and k.value.value == 1 for k in node.keywords)
+    return found
+
+
+# 0.5.18+: the verify branch runs the AscendC causal_conv1d op (one op for conv + state update
+# over the packed tokens, run_mode=1) instead of either causal_conv1d_update form.
+_REPLACED_BY_FUSED_OP = (
+    Custom("torch.ops.npu.causal_conv1d(..., run_mode=1)", _verify_on_fused_ascendc_conv),
+    "the verify conv runs on the AscendC causal_conv1d op (run_mode=1), which replaces "
+    "causal_conv1d_update and its v2 form and does the same job in one op",
+)
+
+# Before 0.5.11 there is no Ascend GDN backend: GDN on NPU runs the generic GDN backend, whose
+# verify conv calls sgl_kernel_npu's Triton causal_conv1d_update_npu (never the AscendC op).
+GENERIC_GDN_MODULES = (
+    "sglang.srt.layers.attention.linear.gdn_backend",  # 0.5.10, 0.5.10.post1
+    "sglang.srt.layers.attention.hybrid_linear_attn_backend",  # 0.5.3.post3 - 0.5.9
+)
+
+
+def _generic_backend_on_triton_update(def_node, reader) -> int:
+    """1 when the release has no AscendGDNAttnBackend and its generic GDN backend imports
+    sgl_kernel_npu's causal_conv1d_update_npu for NPU."""
+    import ast
+
+    if def_node is not None:
+        return 0
+    for module in GENERIC_GDN_MODULES:
+        tree = reader.module(module)
+        for node in ast.walk(tree) if tree is not None else ():
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module == "sgl_kernel_npu.mamba.causal_conv1d"
+                and any(alias.name == "causal_conv1d_update_npu" for alias in node.names)
+            ):
+                return 1
+    return 0
+
+
+_OLDER_GENERIC_BACKEND = (
+    SourceCheck(
+        "generic GDN backend on sgl_kernel_npu's causal_conv1d_update_npu",
+        _generic_backend_on_triton_update,
+        modules=GENERIC_GDN_MODULES,
+    ),
+    "older form: no Ascend GDN backend yet; GDN on NPU runs the generic GDN backend "
+    "(layers/attention/linear/gdn_backend.py, before 0.5.10 hybrid_linear_attn_backend.py), whose "
+    "verify conv calls sgl_kernel_npu's Triton causal_conv1d_update_npu, not the AscendC op this patch replaces",
+)
+
 PATCH = Patch(
     name="ascend-gdn-conv1d-v2",
     upstream_pr="#24595",
@@ -97,6 +159,8 @@ PATCH = Patch(
                     rules=_RULES,
                     # Any use of the v2 kernel's name in forward_extend: the release has the change.
                     upstream=["causal_conv1d_update_v2"],
+                    replaced=[_REPLACED_BY_FUSED_OP],
+                    older=[_OLDER_GENERIC_BACKEND],
                 )
             ],
         )

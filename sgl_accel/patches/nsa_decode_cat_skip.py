@@ -38,8 +38,10 @@ attention call, outside the rewritten statements). 0.5.12.post1 has the change
 ``nsa_backend.py`` is a re-export shim that sglang itself never imports (in 0.5.13.post1 it
 does not even import: it re-exports ``NativeSparseAttnBackend``, which dsa_backend no longer
 defines). The backend target therefore names dsa_backend as its ``moved`` place, and 0.5.13+
-report ``upstream`` from there. 0.5.9 has no
-``deepseek_common/attention_forward_methods/forward_mla.py``; the range starts at 0.5.10.
+report ``upstream`` from there. 0.5.18 moved the ROCm absorb path into
+``forward_mla_rocm.py`` (``DeepseekMLARocmForwardMixin.forward_absorb_rocm_core``, with the
+change), which the MLA target names as its ``moved`` place; 0.5.18+ report ``upstream``. 0.5.9
+has no ``deepseek_common/attention_forward_methods/forward_mla.py``; the range starts at 0.5.10.
 
 Drop this patch when no supported install is older than 0.5.12.post1.
 """
@@ -53,6 +55,12 @@ BACKEND_MODULE = "sglang.srt.layers.attention.nsa_backend"
 BACKEND_QUALNAME = "NativeSparseAttnBackend.forward_decode"
 # 0.5.13 renamed NSA to DSA; nsa_backend.py became a re-export shim (a broken one in 0.5.13.post1).
 DSA_BACKEND = ("sglang.srt.layers.attention.dsa_backend", "DeepseekSparseAttnBackend.forward_decode")
+# 0.5.18 moved the ROCm absorb path (and its fused q_cat branch) into its own mixin;
+# forward_mla.py keeps a forward_absorb_core without that branch.
+ROCM_MLA = (
+    "sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla_rocm",
+    "DeepseekMLARocmForwardMixin.forward_absorb_rocm_core",
+)
 
 # forward_absorb_core, fused-RoPE branch: the split hand-over of q_cat.
 _SPLIT_HANDOVER = """
@@ -188,6 +196,7 @@ PATCH = Patch(
                         "self.attn_mqa(q_cat, None, None, forward_batch, q_rope=None, k_rope=k_pe_fused, "
                         "save_kv_cache=save_kv_cache, **__topk)",
                     ],
+                    moved=[ROCM_MLA],
                 ),
                 Target(
                     BACKEND_MODULE,

@@ -31,9 +31,11 @@ Releases: the four targets have the pre-change shape in 0.5.10 and 0.5.10.post1
 0.5.13 moved the indexer to ``layers/attention/dsa/dsa_indexer.py`` (already
 changed) and left ``nsa/nsa_indexer.py`` as a re-export shim that DeepSeek/GLM
 no longer import, so each target names dsa_indexer as its ``moved`` place and 0.5.13+
-report ``upstream`` from there. 0.5.9 already writes back
-without ``.clone()`` (its head gates have the conditional decorator, but another
-body, untested here); it and older releases are outside the range.
+report ``upstream`` from there. Before 0.5.10 the indexer exists in an older form
+the patch was not written for (``older-form`` in the matrix): 0.5.8 and 0.5.9 have the
+conditional head-gate decorator but write RoPE back with one plain copy (no
+``.clone()``); 0.5.3.post3 to 0.5.7 compile the head gate on every platform and also
+write back without a clone. They are outside the range.
 
 Not taken from 0.5.11: its other indexer changes (bf16 ``weights_proj`` on ROCm,
 the aiter tuple input), which belong to other upstream changes.
@@ -42,7 +44,7 @@ Drop this patch when no supported install is older than 0.5.11.
 """
 
 from sgl_accel._registry import Patch, Part, Target
-from sgl_accel._rewrite import Present, Rule
+from sgl_accel._rewrite import Custom, Present, Rule
 
 MODULE = "sglang.srt.layers.attention.nsa.nsa_indexer"
 # 0.5.13 renamed NSA to DSA; nsa_indexer.py became a re-export shim.
@@ -124,6 +126,29 @@ def _compile_rule():
 _COMPILED_HEAD_GATE = "Union[torch.Tensor, Tuple[torch.Tensor, ...]]"
 
 
+def _always_compiled(def_node) -> int:
+    """1 when the function's only decorator is a plain ``torch.compile(dynamic=True)``."""
+    import ast
+
+    decorators = [ast.unparse(d) for d in def_node.decorator_list]
+    return int(decorators == ["torch.compile(dynamic=True)"])
+
+
+# The indexer before 0.5.10, a form the patch was not written for (0.5.3.post3-0.5.9):
+# until 0.5.7 the head gate is compiled on every platform (the HIP exception came in 0.5.8),
+# and until 0.5.9 the RoPE result is written back with one plain copy (the extra .clone()
+# came in 0.5.10); 0.5.3.post3-0.5.7 have no _project_and_scale_head_gates, and
+# 0.5.3.post3/0.5.4 no _get_k_bf16.
+_OLDER_HEAD_GATE = (
+    Custom("decorated with plain torch.compile(dynamic=True)", _always_compiled),
+    "older form: compiled with torch.compile on every platform (before the HIP exception this patch removes)",
+)
+_OLDER_WRITE_BACK = (
+    "__dst[..., : self.rope_head_dim] = __src",
+    "older form: the RoPE result is written back with one plain copy (before the .clone() this patch removes)",
+)
+
+
 def _write_back_rules(count: int):
     return [
         Present(
@@ -153,7 +178,14 @@ PATCH = Patch(
         Part(
             "compile-head-gates",
             [
-                Target(MODULE, name, rules=[_compile_rule()], upstream=[_COMPILED_HEAD_GATE], moved=[(DSA_MODULE, name)])
+                Target(
+                    MODULE,
+                    name,
+                    rules=[_compile_rule()],
+                    upstream=[_COMPILED_HEAD_GATE],
+                    moved=[(DSA_MODULE, name)],
+                    older=[_OLDER_HEAD_GATE],
+                )
                 for name in HEAD_GATES
             ],
             hardware=("rocm",),
@@ -167,6 +199,7 @@ PATCH = Patch(
                     rules=_write_back_rules(count),
                     upstream=["self._update_rope_guarded(__dst, __src)"],
                     moved=[(DSA_MODULE, name)],
+                    older=[_OLDER_WRITE_BACK],
                 )
                 for name, count in WRITE_BACKS.items()
             ],
