@@ -12,6 +12,15 @@ __version__ = "0.1.0"
 __all__ = ["apply", "revert", "status", "patch_names", "__version__"]
 
 
+def _start_up_first():
+    """Start-up activation (SGL_ACCEL set) waits for a target import; a call here comes first."""
+    import sys
+
+    activation = sys.modules.get("sgl_accel._activate")
+    if activation is not None:
+        activation.ensure_active()
+
+
 def apply(patches=None, *, force=False, allow_untested=False):
     """Apply the named patches (None: all applicable) and return a Report.
 
@@ -21,6 +30,8 @@ def apply(patches=None, *, force=False, allow_untested=False):
     """
     from ._loader import apply as _apply
 
+    _start_up_first()
+
     return _apply(patches, force=force, allow_untested=allow_untested)
 
 
@@ -28,12 +39,16 @@ def revert(patches=None):
     """Restore the original sglang objects of the named patches (None: all)."""
     from ._loader import revert as _revert
 
+    _start_up_first()
+
     return _revert(patches)
 
 
 def status(patches=None):
     """The Report of this process: per patch a state and a one-line reason."""
     from ._loader import status as _status
+
+    _start_up_first()
 
     return _status(patches)
 

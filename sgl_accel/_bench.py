@@ -7,9 +7,13 @@ allocations and bytes written per call from the op counter. Loader costs:
 start-up hook's own cost, ``apply()`` of every patch with its targets imported,
 and extra Python frames per patched call.
 
-Targets (benchmark results, not tests): import <= 20 ms without torch; start-up
-with SGL_ACCEL unset <= 1 ms over a bare interpreter; apply() of all five <= 50 ms
-once targets are imported; zero added frames.
+``--apply-cost`` (``apply_cost_report``): interpreter start-up with SGL_ACCEL unset,
+0 and 1 (no sglang import), and ``apply()`` of every patch with its targets imported,
+cold (fresh process, empty code cache), warm (fresh process, filled cache) and
+repeated (same process, after ``revert()``), each as a ratio to a bare interpreter
+start measured interleaved in the same run (median over the pairs). Targets, see
+docs/BENCHMARKS.md. Nothing here resets the loader of the calling process: every
+apply() is timed in a child process.
 """
 
 from __future__ import annotations
@@ -187,51 +191,37 @@ def _read_cost_us(path: str, repeat: int = 2000) -> float:
     return (time.perf_counter() - start) / repeat * 1e6
 
 
-def apply_cost(runs: int = 5) -> dict:
-    """apply() of every patch once its targets are imported (forced, so every patch really applies)."""
-    from . import _loader
-    from ._registry import all_patches
+def device_problem(device: str):
+    """None if ``device`` can run here, else why not (naming what can)."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return None
+    if kind != "cuda" or (index and not index.isdigit()):
+        return f"--device {device!r} is not valid; valid values: cpu, cuda, cuda:<index>"
+    try:
+        import torch
 
-    names = list(all_patches())
-    for patch in all_patches().values():
-        for module in _loader.modules_of(patch):
-            importlib.import_module(module)
-    import gc
-
-    samples, report = [], None
-    for _ in range(runs + 1):
-        _loader._reset_for_tests()
-        gc.collect()  # a collection of the previous run's garbage is not apply()'s cost
-        start = time.perf_counter()
-        report = _loader.apply(names, force=True, allow_untested=True)
-        samples.append((time.perf_counter() - start) * 1e3)
-    frames = added_frames()
-    _loader._reset_for_tests()
-    return {
-        "apply_all_first_ms": samples[0],  # the one a real process pays: nothing cached yet
-        "apply_all_ms": statistics.median(samples[1:]),
-        "applied": [p.name for p in report if p.state == "applied"],
-        "states": report.states(),
-        "added_frames": frames,
-    }
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception as exc:
+        return f"--device {device}: torch cannot be used here ({type(exc).__name__}: {exc})"
+    if count <= int(index or 0):
+        return f"--device {device} is not available here ({count} CUDA device(s) found); valid values: cpu" + (", cuda" if count else "")
+    return None
 
 
 def added_frames() -> dict:
-    """Per patched target, the Python frames between a caller and the rewritten code.
+    """Per patched target in place, the Python frames between a caller and the rewritten code.
 
     The owner's attribute is called directly; a profiler hook records how many
     Python frames start before the target's own code object runs. Zero means the
     patched function is the code itself, not a wrapper around it.
     """
-    from . import _loader
+    from .seams import applied_objects
 
     out = {}
-    for state in _loader._states.values():
-        for swap in state.swaps:
-            obj = swap.owner.__dict__[swap.attr]
-            function = obj.__func__ if isinstance(obj, (staticmethod, classmethod)) else obj
-            target_code = getattr(function, "__code__", None)
-            out[f"{getattr(swap.owner, '__name__', swap.owner)}.{swap.attr}"] = _frames_before(function, target_code)
+    for where, obj in applied_objects().items():
+        function = obj.__func__ if isinstance(obj, (staticmethod, classmethod)) else obj
+        out[where] = _frames_before(function, getattr(function, "__code__", None))
     return out
 
 
@@ -287,4 +277,110 @@ def render(result: dict) -> str:
         lines.append("  loader: " + json.dumps(result["loader"]))
     if "apply" in result:
         lines.append("  apply: " + json.dumps(result["apply"]))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- --apply-cost
+
+APPLY_CHILD = """
+import gc, importlib, json, sys, time
+if {emulate}:
+    from sgl_accel.testing import standins
+    standins.activate()
+import sgl_accel
+from sgl_accel import _bench, seams
+from sgl_accel._registry import all_patches
+names = list(all_patches())
+for name in names:
+    for module in seams.target_modules(name):
+        try:
+            importlib.import_module(module)
+        except Exception:
+            pass
+gc.collect()
+start = time.perf_counter(); report = sgl_accel.apply(names, force=True, allow_untested=True); first = time.perf_counter() - start
+applied = [p.name for p in report if p.state == "applied"]
+frames = _bench.added_frames()
+sgl_accel.revert(names); gc.collect()
+start = time.perf_counter(); sgl_accel.apply(names, force=True, allow_untested=True); again = time.perf_counter() - start
+print(json.dumps(dict(first_ms=first * 1e3, repeated_ms=again * 1e3, applied=applied, frames=frames)))
+"""
+
+
+def _start_ms(env: dict, code: str = "pass") -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _apply_child(env: dict, emulate: bool) -> dict:
+    proc = subprocess.run([sys.executable, "-c", APPLY_CHILD.format(emulate=emulate)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _interleaved_ratios(bare, measure, pairs: int) -> dict:
+    """Median of ``measure``/``bare`` over alternating pairs (which one runs first alternates)."""
+    ratios, values, bases = [], [], []
+    for i in range(pairs):
+        if i % 2:
+            value, base = measure(), bare()
+        else:
+            base, value = bare(), measure()
+        ratios.append(value / base)
+        values.append(value)
+        bases.append(base)
+    return {"ratio": statistics.median(ratios), "median_ms": statistics.median(values), "bare_ms": statistics.median(bases), "pairs": pairs}
+
+
+def apply_cost_report(pairs: int = 30, emulate: bool = True, apply_pairs=None) -> dict:
+    """The start-up and apply() figures of docs/BENCHMARKS.md (see the module docstring).
+    ``apply_pairs``: pairs for the apply() figures (default ``pairs``; each is a process that imports sglang)."""
+    apply_pairs = apply_pairs or pairs
+    import tempfile
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SGL_ACCEL")}
+    bare = lambda: _start_ms(clean)  # noqa: E731
+    result = {"python": sys.version.split()[0], "pairs": pairs, "startup": {}}
+    for label, extra in (("unset", {}), ("SGL_ACCEL=0", {"SGL_ACCEL": "0"}), ("SGL_ACCEL=1, no sglang import", {"SGL_ACCEL": "1"})):
+        result["startup"][label] = _interleaved_ratios(bare, lambda: _start_ms({**clean, **extra}), pairs)
+    with tempfile.TemporaryDirectory() as root:
+        warm_dir = os.path.join(root, "warm")
+        first = _apply_child({**clean, "SGL_ACCEL_CACHE_DIR": warm_dir}, emulate)  # fills the warm cache
+        runs = {"cold": [], "warm": [], "repeated": []}
+
+        def cold():
+            fresh = tempfile.mkdtemp(dir=root)
+            out = _apply_child({**clean, "SGL_ACCEL_CACHE_DIR": fresh}, emulate)
+            runs["cold"].append(out["first_ms"])
+            runs["repeated"].append(out["repeated_ms"])
+            return out["first_ms"]
+
+        def warm():
+            out = _apply_child({**clean, "SGL_ACCEL_CACHE_DIR": warm_dir}, emulate)
+            runs["warm"].append(out["first_ms"])
+            return out["first_ms"]
+
+        result["apply"] = {
+            "cold": _interleaved_ratios(bare, cold, apply_pairs),
+            "warm": _interleaved_ratios(bare, warm, apply_pairs),
+        }
+        result["apply"]["repeated"] = {"median_ms": statistics.median(runs["repeated"]), "pairs": apply_pairs}
+    result["applied"] = first["applied"]
+    result["added_frames"] = first["frames"]
+    return result
+
+
+def render_apply_cost(result: dict) -> str:
+    lines = [f"sgl-accel bench --apply-cost (python {result['python']}, {result['pairs']} interleaved pairs for start-up, {result['apply']['cold']['pairs']} for apply(), medians)", "| figure | median | ratio to a bare interpreter start |", "| --- | --- | --- |"]
+    for label, row in result["startup"].items():
+        lines.append(f"| start-up, {label} | {row['median_ms']:.1f} ms (bare {row['bare_ms']:.1f} ms) | {row['ratio']:.3f}x |")
+    for label in ("cold", "warm"):
+        row = result["apply"][label]
+        lines.append(f"| apply() all, targets imported, fresh process, {label} cache | {row['median_ms']:.1f} ms | {row['ratio']:.3f}x |")
+    lines.append(f"| apply() again in the same process after revert() | {result['apply']['repeated']['median_ms']:.1f} ms | |")
+    frames = sorted(set(result["added_frames"].values()))
+    lines.append(f"| added frames per patched call | {', '.join(map(str, frames)) or 'none patched'} | |")
+    lines.append(f"applied: {', '.join(result['applied'])}")
     return "\n".join(lines)

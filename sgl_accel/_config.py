@@ -1,120 +1,178 @@
-"""The SGL_ACCEL* environment variables.
+"""Every SGL_ACCEL* environment variable, read and validated here and nowhere else.
 
 SGL_ACCEL            unset: off for start-up activation, on for the sglang plugin;
-                     1/true/on/all: every applicable patch; 0/false/off: none;
-                     name,name: only those patches.
+                     1/true/yes/on/all: every applicable patch (opt-in ones excepted);
+                     0/false/no/off/none: none; name,name: only those patches.
 SGL_ACCEL_DISABLE    name,name: never apply these.
-SGL_ACCEL_HARDWARE   override hardware detection (see _detect.HARDWARE_VALUES).
-SGL_ACCEL_LOG_LEVEL  DEBUG/INFO/WARNING/ERROR for the "sgl_accel" logger.
-SGL_ACCEL_ALLOW_UNTESTED  1: also patch targets whose source the matrix has not seen.
+SGL_ACCEL_HARDWARE   override hardware detection (HARDWARE_VALUES).
+SGL_ACCEL_LOG_LEVEL  DEBUG/INFO/WARNING/ERROR/CRITICAL for the "sgl_accel" logger.
+SGL_ACCEL_ALLOW_UNTESTED  boolean: also patch targets whose source the matrix has not seen.
+SGL_ACCEL_VERIFY     boolean: run a patch's equivalence cases right after applying it.
+SGL_ACCEL_CACHE      boolean (default on): keep rewritten code objects on disk.
+SGL_ACCEL_CACHE_DIR  where (default $XDG_CACHE_HOME/sgl-accel or ~/.cache/sgl-accel).
+
+Booleans take 1/0/true/false/yes/no/on/off in any case. A bad value gives one
+warning naming the valid ones (``Settings.problems``) and, except for the log
+level, no patch is applied: a misread setting never changes sglang.
+
+Start-up reads this module in every process that has SGL_ACCEL set, so it imports
+nothing but ``os`` and ``sys`` (no dataclasses, logging, re).
 """
 
-from __future__ import annotations
-
-import logging
 import os
-from dataclasses import dataclass
-from typing import Optional
+import sys
 
-from ._detect import SettingError, hardware_override
-
-ON = ("1", "true", "on", "yes", "all")
-OFF = ("0", "false", "off", "no", "none")
+ON = ("1", "true", "yes", "on")
+OFF = ("0", "false", "no", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+HARDWARE_KINDS = ("ascend", "rocm", "cuda", "cpu")
+HARDWARE_VALUES = "ascend, ascend:<soc>, rocm, rocm:<gfx arch> (e.g. rocm:gfx950), cuda, cuda:<sm> (e.g. cuda:90), cpu"
+BOOLEAN_VALUES = "1, 0, true, false, yes, no, on, off"
 
 
-@dataclass(frozen=True)
-class Selection:
-    patches: Optional[list]  # None: nothing to do; [] never returned; list of names
-    disabled: tuple = ()
-    allow_untested: bool = False
+class SettingError(ValueError):
+    """A bad value in one of the SGL_ACCEL* environment variables."""
 
 
-def _names(variable: str, value: str, known: list) -> list:
+class Settings:
+    """The SGL_ACCEL* variables of one process, validated. Immutable.
+
+    patches: names to apply, or None (nothing to do); disabled: names never applied;
+    hardware: the validated SGL_ACCEL_HARDWARE text or None; problems: one message per bad value.
+    """
+
+    __slots__ = ("patches", "disabled", "hardware", "log_level", "allow_untested", "verify", "cache", "cache_dir", "problems")
+
+    def __init__(self, **values):
+        for name in self.__slots__:
+            object.__setattr__(self, name, values[name])
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Settings are immutable")
+
+    def __eq__(self, other):
+        return isinstance(other, Settings) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __hash__(self):
+        return hash(tuple(getattr(self, n) for n in self.__slots__))
+
+    def __repr__(self):
+        return "Settings(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__) + ")"
+
+
+def boolean(name: str, raw, default: bool, problems: list) -> bool:
+    value = (raw or "").strip().lower()
+    if not value:
+        return default
+    if value in ON or value in OFF:
+        return value in ON
+    problems.append(f"{name}={raw!r} is not valid; valid values: {BOOLEAN_VALUES}")
+    return default
+
+
+def hardware_problem(value: str):
+    """None if ``value`` is a valid SGL_ACCEL_HARDWARE, else the message."""
+    kind, _, arch = value.strip().lower().partition(":")
+    if kind not in HARDWARE_KINDS or (kind == "cpu" and arch):
+        return f"SGL_ACCEL_HARDWARE={value!r} is not valid; valid values: {HARDWARE_VALUES}"
+    if kind == "rocm" and arch and not arch.startswith("gfx"):
+        return f"SGL_ACCEL_HARDWARE={value!r}: a ROCm arch looks like gfx942 or gfx950; valid values: {HARDWARE_VALUES}"
+    return None
+
+
+def known_patches() -> dict:
+    """name -> opt_in, from the generated index plus patches registered at run time (tests)."""
+    from ._index import PATCHES
+
+    known = {name: entry[0] for name, entry in PATCHES.items()}
+    registry = sys.modules.get("sgl_accel._registry")
+    if registry is not None:
+        known.update({name: patch.opt_in for name, patch in registry.all_patches().items()})
+    return known
+
+
+def _names(variable: str, value: str, known: dict, problems: list):
     names = [n.strip() for n in value.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise SettingError(
+        problems.append(
             f"{variable}={value!r}: unknown patch name(s) {', '.join(unknown) or '(none given)'}; "
-            f"valid values: {', '.join(ON[:1] + OFF[:1])}, or a comma-separated list of: {', '.join(known)}"
+            f"valid values: 1, 0, or a comma-separated list of: {', '.join(known)}"
         )
-    return names
+        return None
+    return tuple(dict.fromkeys(names))
 
 
-def selection(default_on: bool) -> Selection:
-    """Read the environment. Raises SettingError with one clear message on a bad value."""
-    from ._registry import all_patches, default_names
-
-    known = list(all_patches())
-    raw = os.environ.get("SGL_ACCEL")
+def _selection(raw, default_on: bool, known: dict, problems: list):
     value = (raw or "").strip()
-    if raw is None or value == "":
-        patches = default_names() if default_on else None
-    elif value.lower() in ON:
-        patches = default_names()
-    elif value.lower() in OFF:
-        patches = None
+    if not value:
+        on = default_on
+    elif value.lower() in ON + ("all",) or value.lower() in OFF + ("none",):
+        on = value.lower() in ON + ("all",)
     else:
-        patches = _names("SGL_ACCEL", value, known)
-    disabled_raw = os.environ.get("SGL_ACCEL_DISABLE", "").strip()
-    disabled = tuple(_names("SGL_ACCEL_DISABLE", disabled_raw, known)) if disabled_raw else ()
-    untested = os.environ.get("SGL_ACCEL_ALLOW_UNTESTED", "").strip().lower()
-    if untested and untested not in ON + OFF:
-        raise SettingError(f"SGL_ACCEL_ALLOW_UNTESTED={untested!r}: valid values: 1 or 0")
-    hardware_override()  # validates SGL_ACCEL_HARDWARE early, with its own message
-    return Selection(patches=patches, disabled=disabled, allow_untested=untested in ON)
+        return _names("SGL_ACCEL", value, known, problems)
+    return tuple(name for name, opt_in in known.items() if not opt_in) if on else None
 
 
-def configure_logging() -> None:
-    level = os.environ.get("SGL_ACCEL_LOG_LEVEL", "").strip().upper()
-    if not level:
-        return
-    logger = logging.getLogger("sgl_accel")
-    if level not in LOG_LEVELS:
-        logger.warning("sgl-accel: SGL_ACCEL_LOG_LEVEL=%r is not valid; valid values: %s", level, ", ".join(LOG_LEVELS))
-        return
-    logger.setLevel(level)
-    if not any(getattr(h, "_sgl_accel", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        # The process id tells apart the lines of sglang's processes (engine, scheduler, detokenizer).
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
-        handler._sgl_accel = True
-        logger.addHandler(handler)
-        logger.propagate = False
+def _log_level(raw, problems: list):
+    level = (raw or "").strip().upper()
+    if level and level not in LOG_LEVELS:
+        problems.append(f"SGL_ACCEL_LOG_LEVEL={raw!r} is not valid; valid values: {', '.join(LOG_LEVELS)}")
+        return None
+    return level or None
 
 
-def silence_sglang_rename_warning() -> None:
-    """sglang's environ module treats every SGL_* variable as a deprecated spelling of
-    SGLANG_* and warns once per process; SGL_ACCEL* are ours, not sglang's."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r"Environment variable SGL_ACCEL\w* is deprecated")
-
-
-_activated_by: Optional[str] = None  # the activation that read SGL_ACCEL in this process
+def _cache_dir(environ) -> str:
+    explicit = (environ.get("SGL_ACCEL_CACHE_DIR") or "").strip()
+    if explicit:
+        return explicit
+    base = (environ.get("XDG_CACHE_HOME") or "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sgl-accel")
 
 
-def activate_from_environment(default_on: bool, origin: str) -> None:
-    """Shared by start-up activation and the sglang plugin. Never raises."""
-    global _activated_by
-    logger = logging.getLogger("sgl_accel")
-    if _activated_by is not None:
-        # sglang >= 0.5.11 engine and scheduler run both the .pth and the plugin:
-        # one activation, one summary and at most one warning per process.
-        logger.debug("sgl-accel: %s: already activated by %s in this process", origin, _activated_by)
-        return
-    if os.environ.get("SGL_ACCEL", "").strip():  # unset, the two origins decide differently
-        _activated_by = origin
-    try:
-        silence_sglang_rename_warning()
-        configure_logging()
-        chosen = selection(default_on)
-        if chosen.patches is None:
-            return
-        from ._loader import apply
+def read(environ=None, default_on: bool = False) -> Settings:
+    """The settings of this environment (``os.environ`` by default). Never raises."""
+    environ = os.environ if environ is None else environ
+    problems: list = []
+    known = known_patches()
+    patches = _selection(environ.get("SGL_ACCEL"), default_on, known, problems)
+    disabled_raw = (environ.get("SGL_ACCEL_DISABLE") or "").strip()
+    disabled = _names("SGL_ACCEL_DISABLE", disabled_raw, known, problems) if disabled_raw else ()
+    hardware = (environ.get("SGL_ACCEL_HARDWARE") or "").strip() or None
+    bad_hardware = hardware_problem(hardware) if hardware else None
+    if bad_hardware:
+        problems.append(bad_hardware)
+    values = dict(
+        hardware=None if bad_hardware else hardware,
+        log_level=_log_level(environ.get("SGL_ACCEL_LOG_LEVEL"), problems),
+        allow_untested=boolean("SGL_ACCEL_ALLOW_UNTESTED", environ.get("SGL_ACCEL_ALLOW_UNTESTED"), False, problems),
+        verify=boolean("SGL_ACCEL_VERIFY", environ.get("SGL_ACCEL_VERIFY"), False, problems),
+        cache=boolean("SGL_ACCEL_CACHE", environ.get("SGL_ACCEL_CACHE"), True, problems),
+        cache_dir=_cache_dir(environ),
+    )
+    # A misread setting must not change sglang: any bad value but the log level turns patching off.
+    blocking = [p for p in problems if not p.startswith("SGL_ACCEL_LOG_LEVEL")]
+    return Settings(patches=None if blocking else patches, disabled=disabled or (), problems=tuple(problems), **values)
 
-        apply(chosen.patches, allow_untested=chosen.allow_untested, disabled=chosen.disabled)
-    except SettingError as exc:
-        logger.warning("sgl-accel: %s; no patch applied", exc)
-    except Exception as exc:  # never stop Python or sglang from starting
-        logger.warning("sgl-accel: %s activation failed, no patch applied: %s: %s", origin, type(exc).__name__, exc)
+
+# --------------------------------------------------------------------------- one message per process
+
+_said: set = set()
+
+
+def say_once(level: str, message: str) -> bool:
+    """Emit ``message`` once per process (start-up and the sglang plugin may both run).
+
+    Through the "sgl_accel" logger when logging is already imported, else straight to
+    stderr (start-up must not import logging for a warning). Returns whether it was emitted.
+    """
+    if message in _said:
+        return False
+    _said.add(message)
+    if "logging" in sys.modules or level != "WARNING":
+        import logging
+
+        logging.getLogger("sgl_accel").log(getattr(logging, level), "sgl-accel: %s", message)
+    else:
+        sys.stderr.write(f"sgl-accel: {message}\n")
+    return True

@@ -17,12 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ._config import HARDWARE_VALUES, SettingError, hardware_problem  # noqa: F401 (SettingError: re-exported)
+
 HARDWARE_ENV = "SGL_ACCEL_HARDWARE"
-HARDWARE_VALUES = "ascend, ascend:<soc>, rocm, rocm:<gfx arch> (e.g. rocm:gfx950), cuda, cuda:<sm> (e.g. cuda:90), cpu"
-
-
-class SettingError(ValueError):
-    """A bad value in one of the SGL_ACCEL* environment variables."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +28,7 @@ class SglangInstall:
     location: Optional[str] = None  # the sglang package directory
     editable: bool = False
     source: str = "metadata"  # metadata | version.py | none
+    problem: Optional[str] = None  # why the metadata could not be read (detection degraded)
 
     @property
     def installed(self) -> bool:
@@ -40,7 +38,8 @@ class SglangInstall:
         if not self.installed:
             return "sglang not installed"
         text = f"sglang {self.version or '(unknown version)'}"
-        return text + (" (editable)" if self.editable else "")
+        text += " (editable)" if self.editable else ""
+        return text + (f" ({self.problem})" if self.problem else "")
 
 
 def sglang_install() -> SglangInstall:
@@ -48,13 +47,17 @@ def sglang_install() -> SglangInstall:
     if spec is None or not spec.submodule_search_locations:
         return SglangInstall(version=None, source="none")
     location = str(Path(list(spec.submodule_search_locations)[0]).resolve())
-    beside = _dist_info_beside(location)
-    if beside is not None:
-        return beside
-    dist = _distribution_for(location)
-    if dist is not None:
-        return SglangInstall(version=dist.version, location=location, editable=_is_editable(dist))
-    return SglangInstall(version=_version_from_source(location), location=location, source="version.py")
+    try:
+        beside = _dist_info_beside(location)
+        if beside is not None:
+            return beside
+        dist = _distribution_for(location)
+        if dist is not None:
+            return SglangInstall(version=dist.version, location=location, editable=_is_editable(dist))
+        problem = None
+    except Exception as exc:  # a broken dist-info must not break detection
+        problem = f"sglang metadata unreadable: {type(exc).__name__}: {exc}"
+    return SglangInstall(version=_version_from_source(location), location=location, source="version.py", problem=problem)
 
 
 def _dist_info_beside(location: str):
@@ -77,10 +80,8 @@ def _dist_info_beside(location: str):
                     return None
             else:
                 return None
-        editable = False
         direct = parent / infos[0] / "direct_url.json"
-        if direct.exists():
-            editable = bool(json.loads(direct.read_text()).get("dir_info", {}).get("editable"))
+        editable = _editable_in(direct.read_text()) if direct.exists() else False
     except (OSError, ValueError):
         return None
     return SglangInstall(version=version, location=location, editable=editable)
@@ -106,17 +107,26 @@ def _distribution_for(location: str):
 
 def _is_editable(dist) -> bool:
     try:
-        text = dist.read_text("direct_url.json")
-        return bool(text and json.loads(text).get("dir_info", {}).get("editable"))
+        return _editable_in(dist.read_text("direct_url.json") or "")
     except Exception:
         return False
+
+
+def _editable_in(direct_url: str) -> bool:
+    """PEP 610 direct_url.json says editable (anything malformed: not editable)."""
+    try:
+        data = json.loads(direct_url)
+    except ValueError:
+        return False
+    info = data.get("dir_info") if isinstance(data, dict) else None
+    return isinstance(info, dict) and bool(info.get("editable"))
 
 
 def _version_from_source(location: str) -> Optional[str]:
     path = Path(location) / "version.py"
     try:
         tree = ast.parse(path.read_text())
-    except (OSError, SyntaxError):
+    except (OSError, SyntaxError, ValueError):
         return None
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
@@ -138,11 +148,10 @@ class Hardware:
 
 
 def parse_hardware(value: str) -> Hardware:
+    problem = hardware_problem(value)
+    if problem:
+        raise SettingError(problem)
     kind, _, arch = value.strip().lower().partition(":")
-    if kind not in ("ascend", "rocm", "cuda", "cpu") or (kind == "cpu" and arch):
-        raise SettingError(f"{HARDWARE_ENV}={value!r} is not valid; valid values: {HARDWARE_VALUES}")
-    if kind == "rocm" and arch and not arch.startswith("gfx"):
-        raise SettingError(f"{HARDWARE_ENV}={value!r}: a ROCm arch looks like gfx942 or gfx950; valid values: {HARDWARE_VALUES}")
     details = {}
     if kind == "rocm":
         details["aiter"] = importlib.util.find_spec("aiter") is not None
@@ -150,10 +159,14 @@ def parse_hardware(value: str) -> Hardware:
 
 
 def hardware_override() -> Optional[Hardware]:
-    value = os.environ.get(HARDWARE_ENV)
-    if value is None or value.strip() == "":
-        return None
-    return parse_hardware(value)
+    """SGL_ACCEL_HARDWARE as read by _config; SettingError for a bad value."""
+    from ._config import read
+
+    settings = read()
+    bad = [p for p in settings.problems if p.startswith(HARDWARE_ENV)]
+    if bad:
+        raise SettingError(bad[0])
+    return parse_hardware(settings.hardware) if settings.hardware else None
 
 
 def detect_hardware() -> Hardware:

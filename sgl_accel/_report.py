@@ -6,36 +6,28 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from ._decide import State, TargetState
+
 # applied         every target of an applicable part was rewritten
 # pending-import  waiting for sglang to import the target modules
 # upstream        the installed sglang already contains the change
 # not-applicable  a gate does not hold (hardware, kernels, release, feature)
-# skipped         not applied on purpose: drifted source, disabled, untested, not requested
+# skipped         not applied on purpose: drifted or wrapped source, disabled, untested, not requested
 # failed          an error while applying; every target was restored
-STATES = ("applied", "pending-import", "upstream", "not-applicable", "skipped", "failed")
 # A plan (sgl-accel status/plan, the scanner) says "applies" where apply() would say "applied".
+STATES = tuple(s.value for s in State if s is not State.APPLIES)
 PLAN_STATES = ("applies", "upstream", "not-applicable", "skipped")
-
-
-def overall_state(part_states: dict, version) -> tuple:
-    """Fold per-part outcomes that are not "applies"/"applied" into (state, reason)."""
-    values = list(part_states.values())
-    text = "; ".join(s if len(part_states) == 1 else f"{p}: {s}" for p, s in part_states.items())
-    if values and all(v == "upstream" for v in values):
-        return "upstream", f"sglang {version} already contains the change"
-    if any(v.startswith("skipped") for v in values):
-        return "skipped", text.replace("skipped: ", "") if len(part_states) == 1 else text
-    if any(v == "upstream" for v in values):
-        return "upstream", text
-    return "not-applicable", text.replace("not-applicable: ", "")
 
 
 @dataclass
 class TargetReport:
     target: str  # module:qualname
-    state: str  # applies | upstream | drifted | absent | applied | reverted
+    state: TargetState  # see _decide.TargetState
     reason: str = ""
     fingerprint: Optional[str] = None
+
+    def __post_init__(self):
+        self.state = TargetState(self.state)
 
 
 @dataclass
@@ -49,8 +41,7 @@ class PatchReport:
     targets: list = field(default_factory=list)  # TargetReport
 
     def __post_init__(self):
-        if self.state not in STATES + PLAN_STATES:
-            raise ValueError(f"unknown state {self.state!r}")
+        self.state = State(self.state)  # ValueError for an unknown state
 
 
 @dataclass

@@ -444,10 +444,16 @@ def compile_def(func: ast.AST, filename: str, module_globals: dict, closure: dic
     the compiler treats them as the original module did; ``flags``: its
     ``__future__`` flags (see ``future_flags``).
     """
+    code = factory_code(func, filename, tuple(closure), decorators=decorators, imported=imported, flags=flags)
+    return run_factory(code, module_globals, closure)
+
+
+def factory_code(func: ast.AST, filename: str, closure_names: tuple, *, decorators: bool = True, imported: tuple = (), flags: int = 0):
+    """The compiled factory module of ``compile_def``, not run (the code-object cache stores it)."""
     # A shallow copy: compiling reads the tree and never changes it.
     func = ast.FunctionDef(**{**func.__dict__, "decorator_list": func.decorator_list if decorators else []}) if isinstance(func, ast.FunctionDef) else ast.AsyncFunctionDef(**{**func.__dict__, "decorator_list": func.decorator_list if decorators else []})
     line = func.lineno
-    args = [ast.arg(arg=name, lineno=line, col_offset=0) for name in closure]
+    args = [ast.arg(arg=name, lineno=line, col_offset=0) for name in closure_names]
     factory = ast.FunctionDef(
         name=FACTORY,
         args=ast.arguments(posonlyargs=[], args=args, vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[]),
@@ -475,7 +481,11 @@ def compile_def(func: ast.AST, filename: str, module_globals: dict, closure: dic
             node.lineno = node.end_lineno = line
             node.col_offset = node.end_col_offset = 0
     # The target module's own __future__ flags, never this module's.
-    code = compile(module, filename, "exec", flags=flags, dont_inherit=True)
+    return compile(module, filename, "exec", flags=flags, dont_inherit=True)
+
+
+def run_factory(code, module_globals: dict, closure: dict):
+    """Run a factory module code (from ``compile_def`` or the cache): the def it binds."""
     namespace: dict = {}
     exec(code, module_globals, namespace)
     return namespace[FACTORY](*closure.values())

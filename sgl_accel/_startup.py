@@ -1,16 +1,19 @@
-"""Start-up activation, imported by sgl_accel_startup.pth only when SGL_ACCEL is set.
+"""Start-up activation, imported by sgl_accel_startup.pth only when SGL_ACCEL is on.
 
 Every Python process that inherits SGL_ACCEL (sglang's scheduler, TP workers,
-detokenizer, tokenizer workers) installs the lazy import hooks here; the
-patches land when sglang imports their targets. Python 3.15+ (PEP 829): the .pth
+detokenizer, tokenizer workers, but also pip and health checks) runs this, so it
+only validates the settings (one warning per bad value) and installs a small
+meta-path finder for the modules the wanted patches target (read from the
+generated ``_index``). The loader, logging, ``packaging``, ``ast`` are imported
+the first time one of those modules is imported. Python 3.15+ (PEP 829): the .pth
 ``import`` line is to move to a ``sgl_accel.start`` file naming
 ``sgl_accel._startup`` once that mechanism ships; the behaviour stays the same.
 """
 
 try:
-    from ._config import activate_from_environment
+    from ._activate import at_startup
 
-    activate_from_environment(default_on=False, origin="start-up")
+    at_startup()
 except Exception as _exc:  # never break interpreter start-up
     import sys as _sys
 

@@ -102,8 +102,12 @@ def cmd_pin(args) -> int:
     else:
         text = result.requirement + "\n"
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+        try:
+            with open(args.output, "w") as f:
+                f.write(text)
+        except OSError as exc:
+            print(f"sgl-accel: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     else:
         sys.stdout.write(text)
     return 0
@@ -134,9 +138,15 @@ def cmd_bench(args) -> int:
 
         standins.activate()
     names = resolve_names(args.patches or None)
-    result = _bench.main_report(names, args.device, args.quick, loader=not args.no_loader)
+    problem = _bench.device_problem(args.device)
+    if problem:
+        print(f"sgl-accel: {problem}", file=sys.stderr)
+        return 2
     if args.apply_cost:
-        result["apply"] = _bench.apply_cost(runs=3 if args.quick else 5)
+        result = _bench.apply_cost_report(pairs=args.pairs, emulate=args.emulate, apply_pairs=args.apply_pairs)
+        print(json.dumps(result, indent=2) if args.json else _bench.render_apply_cost(result))
+        return 0
+    result = _bench.main_report(names, args.device, args.quick, loader=not args.no_loader)
     print(json.dumps(result, indent=2) if args.json else _bench.render(result))
     return 0
 
@@ -202,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulate", action="store_true", help="use the test-bed kernels (CPU, or CUDA with ROCm flags emulated)")
     p.add_argument("--quick", action="store_true", help="fewer rounds")
     p.add_argument("--no-loader", action="store_true", help="skip the loader's own costs")
-    p.add_argument("--apply-cost", action="store_true", help="also time apply() of every patch with its targets imported")
+    p.add_argument("--apply-cost", action="store_true", help="start-up and apply() costs as ratios to a bare interpreter (interleaved pairs, medians)")
+    p.add_argument("--pairs", type=int, default=30, help="interleaved pairs for --apply-cost (default 30)")
+    p.add_argument("--apply-pairs", type=int, help="pairs for the apply() figures (default: --pairs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -230,6 +242,11 @@ def main(argv=None) -> int:
     except SettingError as exc:
         print(f"sgl-accel: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # no traceback from a command: one line, exit 1
+        print(f"sgl-accel {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -153,8 +153,8 @@ def test_eight_threads_patch_each_target_once(demo, monkeypatch):
     module = importlib.import_module(demo)
     before = _originals(module)
     builds = []
-    real_build = _loader._build
-    monkeypatch.setattr(_loader, "_build", lambda *a: builds.append(a[0].target.key) or real_build(*a))
+    real_build = _loader.build
+    monkeypatch.setattr(_loader, "build", lambda *a: builds.append(a[0].target.key) or real_build(*a))
     barrier = threading.Barrier(8)
 
     def worker():
@@ -308,9 +308,9 @@ def test_opt_in_patch_applies_only_when_named(demo, monkeypatch):
     try:
         assert "demo-opt-in" not in default_names()
         monkeypatch.setenv("SGL_ACCEL", "1")
-        assert "demo-opt-in" not in _config.selection(default_on=False).patches
+        assert "demo-opt-in" not in _config.read(default_on=False).patches
         monkeypatch.setenv("SGL_ACCEL", "demo-opt-in")
-        assert _config.selection(default_on=False).patches == ["demo-opt-in"]
+        assert _config.read(default_on=False).patches == ("demo-opt-in",)
         module = importlib.import_module(demo)
         report = sgl_accel.apply()
         assert "demo-opt-in" not in report.states() and report["demo-patch"].state == "applied"

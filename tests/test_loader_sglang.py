@@ -282,3 +282,33 @@ def test_sglang_plugin_entry_point_through_real_load_plugins(sglang_release):
 def test_sglang_does_not_warn_about_our_variables_in_activated_processes():
     proc = run_child("from sgl_accel.testing import standins; standins.activate(); import sglang.srt.environ", {"SGL_ACCEL": "1", "SGL_ACCEL_LOG_LEVEL": "WARNING"})
     assert "SGL_ACCEL" not in proc.stderr, proc.stderr
+
+
+def test_sglang_importable_only_after_start_up_is_patched_on_import():
+    """Failure 2: sys.path gains sglang after start-up (a script, ``python -I`` with paths added in code)."""
+    site = os.environ["PYTHONPATH"].split(os.pathsep)[0]
+    body = textwrap.dedent(
+        f"""
+        import json, sys, importlib
+        sys.path.insert(0, {site!r})
+        from sgl_accel.testing import standins
+        standins.activate()
+        import sgl_accel
+        from sgl_accel import seams
+        modules = seams.target_modules("ascend-gdn-conv1d-v2")
+        for module in modules:
+            importlib.import_module(module)
+        report = sgl_accel.status(["ascend-gdn-conv1d-v2"])["ascend-gdn-conv1d-v2"]
+        print(json.dumps([str(report.state), report.reason]))
+        """
+    )
+    proc = run_child(body, {"SGL_ACCEL": "1", "SGL_ACCEL_HARDWARE": "ascend", "PYTHONPATH": ""})
+    state, reason = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert state not in ("pending-import", "skipped") and "not installed" not in reason, (state, reason)
+
+
+@pytest.mark.parametrize("env", [{"SGL_ACCEL_LOG_LEVEL": "WARNING"}, {"SGL_ACCEL": "0", "SGL_ACCEL_DISABLE": "ascend-dflash"}])
+def test_sglang_does_not_warn_about_our_variables_on_the_plugin_path(env):
+    """Failure 11: SGL_ACCEL unset or 0 (the plugin decides), other SGL_ACCEL* variables set."""
+    proc = run_child("from sgl_accel.testing import standins; standins.activate(); import sglang.srt.environ", env)
+    assert "SGL_ACCEL" not in proc.stderr, proc.stderr

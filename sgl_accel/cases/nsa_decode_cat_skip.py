@@ -42,7 +42,6 @@ any device with ROCm flags emulated.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import sys
@@ -322,22 +321,11 @@ def _recording(bed: Bed):
     return fused_qk_rope_cat_and_cache_mla
 
 
-@contextlib.contextmanager
 def emulated(sets: list):
     """Set module attributes for the duration of the block; restore them afterwards."""
-    missing = object()
-    saved = [(module, name, vars(module).get(name, missing)) for module, name, _ in sets]
-    try:
-        for module, name, value in sets:
-            setattr(module, name, value)
-        yield
-    finally:
-        for module, name, old in reversed(saved):
-            if old is missing:
-                if name in vars(module):
-                    delattr(module, name)
-            else:
-                setattr(module, name, old)
+    from sgl_accel.seams import swapped
+
+    return swapped(sets)
 
 
 def _real_fused_kernel():
@@ -593,17 +581,11 @@ def functions() -> dict:
 
 def build_patched() -> dict:
     """The patched functions, compiled as the loader compiles them, not installed anywhere."""
-    from sgl_accel import _loader
-    from sgl_accel._registry import all_patches
+    from sgl_accel.seams import patched_forms
 
-    patch = all_patches()[PATCH_NAME]
-    built = {}
-    for key, target in zip(("absorb", "decode"), patch.targets):
-        live, verdict = _loader._verdict_live(target)
-        if verdict.state != "applies":
-            raise RuntimeError(f"{PATCH_NAME}: {target.key} is {verdict.state}: {verdict.reason}")
-        built[key] = _loader._build(live, verdict, patch.helpers() if patch.helpers else {}, PATCH_NAME)
-    return built
+    # In the order the patch declares its targets (wherever this release keeps them).
+    forms = patched_forms(PATCH_NAME)
+    return {key: patched for key, (_, patched) in zip(("absorb", "decode"), forms.values())}
 
 
 # --------------------------------------------------------------------------- comparing

@@ -340,15 +340,11 @@ def functions(method: str, module=None) -> tuple:
 
 
 def build_patched(method: str):
-    from sgl_accel import _loader
-    from sgl_accel._registry import all_patches
+    """The patched method, compiled as the loader compiles it, not installed anywhere."""
+    from sgl_accel.seams import patched_forms
 
-    patch = all_patches()[PATCH_NAME]
-    target = next(t for t in patch.targets if t.qualname == f"Indexer.{method}")
-    live, verdict = _loader._verdict_live(target)
-    if verdict.state != "applies":
-        raise RuntimeError(f"{PATCH_NAME}: {target.key} is {verdict.state}: {verdict.reason}")
-    return _loader._build(live, verdict, patch.helpers(), PATCH_NAME)
+    forms = patched_forms(PATCH_NAME)
+    return next(patched for key, (_, patched) in forms.items() if key.endswith(f":Indexer.{method}"))
 
 
 def inputs(bed: Bed) -> tuple:

@@ -108,17 +108,10 @@ def _about(targets: dict, states=None) -> str:
 
 
 def _outside_releases(patch, version: str):
-    """The release gate's reason, or None (the loader's rule: dev builds count as their release)."""
-    if not patch.releases:
-        return None
-    from packaging.specifiers import SpecifierSet
+    """The release gate's reason, or None (the decision's own rule)."""
+    from .._decide import release_reason
 
-    from .._loader import _post
-
-    v = Version(version)
-    if SpecifierSet(patch.releases).contains(Version(v.base_version + _post(v)), prereleases=True):
-        return None
-    return f"sglang {version} is outside {patch.releases}"
+    return release_reason(patch, version)
 
 
 def _target_files() -> list[str]:
