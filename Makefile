@@ -19,7 +19,7 @@ demo: envs
 serve-demo: envs
 	.venv/bin/python -m sgl_accel.testing.server --release $(RELEASE) $(if $(HARDWARE),--hardware $(HARDWARE)) $(if $(ONCE),--once)
 
-# Refresh sgl_accel/compat/matrix.json and the README table from every release wheel on PyPI.
+# Refresh compat/matrix.json and the README table from every release wheel on PyPI.
 compat: envs
 	.venv/bin/python -m sgl_accel.compat.scanner
 

@@ -1,6 +1,6 @@
 """What a patch declares, and the list of patches sgl-accel ships.
 
-Every module in sgl_accel/patches/ that defines ``PATCH`` is a patch (found, not
+Every module in patches/ that defines ``PATCH`` is a patch (found, not
 listed by hand); report order is the modules' name order. Patch modules import
 nothing heavy at module level (no torch, no sglang). Anything that needs torch is
 built by ``Patch.helpers`` when the patch is actually applied.
@@ -19,7 +19,7 @@ HARDWARE_KINDS = ("ascend", "rocm", "cuda", "cpu")
 PATCH_KINDS = ("perf", "fix", "feature")
 
 def patch_modules() -> list[str]:
-    """The modules of sgl_accel/patches/ (one per upstream change), in name order."""
+    """The modules of patches/ (one per upstream change), in name order."""
     import pkgutil
 
     from . import patches
