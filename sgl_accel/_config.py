@@ -174,5 +174,6 @@ def say_once(level: str, message: str) -> bool:
 
         logging.getLogger("sgl_accel").log(getattr(logging, level), "sgl-accel: %s", message)
     else:
-        sys.stderr.write(f"sgl-accel: {message}\n")
+        # Same shape as the logger's lines: the process id tells sglang's processes apart.
+        sys.stderr.write(f"WARNING sgl_accel[{os.getpid()}]: sgl-accel: {message}\n")
     return True

@@ -52,15 +52,15 @@ def apply(names):
 
 def test_opt_in_is_applied_only_when_named(accel, modules, monkeypatch):
     import sgl_accel
-    from sgl_accel._config import selection
+    from sgl_accel._config import read
     from sgl_accel._registry import all_patches, default_names
 
     assert all_patches()[NAME].opt_in and NAME not in default_names()
     accel("ascend")
     monkeypatch.setenv("SGL_ACCEL", "1")
-    assert NAME not in selection(default_on=False).patches
+    assert NAME not in read(default_on=False).patches
     monkeypatch.setenv("SGL_ACCEL", f"ascend-cp-padding,{NAME}")
-    assert NAME in selection(default_on=False).patches
+    assert NAME in read(default_on=False).patches
     report = sgl_accel.apply(allow_untested=True)
     assert NAME not in [p.name for p in report]
     state = apply([NAME])[NAME]
