@@ -38,7 +38,7 @@ OUT = ROOT / ".cache" / "e2e"
 SUMMARY = re.compile(r"^sgl-accel \S+: applied \d+/\d+ on ")
 STATE_AT_APPLY = re.compile(r"^(?P<name>[a-z0-9-]+): (?P<state>[a-z-]+) \((?P<reason>.*)\)$")
 STATE_ON_IMPORT = re.compile(r"^sgl-accel: (?P<name>[a-z0-9-]+) (?P<state>[a-z-]+) on import of (?P<module>\S+) \((?P<reason>.*)\)$")
-SGLANG_ROLES = ("sglang::engine", "sglang::scheduler", "sglang::detokenizer")
+SGLANG_ROLES = srv.SGLANG_ROLES
 
 
 def _release_at_least(version: str) -> bool:

@@ -26,6 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The processes a served sglang runs, by the titles it gives them.
+SGLANG_ROLES = ("sglang::engine", "sglang::scheduler", "sglang::detokenizer")
+
 # The issue's launch line, seen working on a 2-core CPU machine.
 SERVER_ARGS = [
     "--load-format", "dummy", "--device", "cpu", "--attention-backend", "torch_native",
@@ -139,8 +142,19 @@ class Server:
                                             stdin=subprocess.DEVNULL, start_new_session=True)
         self._wait_ready(began, timeout)
         self.started_s = time.monotonic() - began
-        self.record_tree()
+        self._wait_titled(timeout=60.0)
         return self
+
+    def _wait_titled(self, timeout: float) -> None:
+        """sglang answers before its detokenizer has named itself: wait (bounded) until every
+        role has its title, so tests can find each process's log lines by role."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.record_tree()
+            titles = {title for _, title in self.seen.values()}
+            if set(SGLANG_ROLES) <= titles or time.monotonic() > deadline:
+                return
+            time.sleep(0.2)  # poll interval, not a wait for a state
 
     def _wait_ready(self, began: float, timeout: float) -> None:
         import requests
