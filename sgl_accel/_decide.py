@@ -93,6 +93,8 @@ class Context:
     missing_modules: Callable = lambda modules: []  # live: the modules not imported yet
     force: bool = False
     reader: object = None  # a _guard.SourceReader of the release, for SourceCheck markers
+    # parts(patch) -> [(part, [targets as named there])]; None: moved places read from sglang_root's files
+    parts: Optional[Callable] = None
 
 
 @dataclass
@@ -187,6 +189,10 @@ def modules_of(patch, sglang_root: Optional[str]) -> list:
     return sorted({t.module for _, targets in parts_of(patch, sglang_root) for t in targets})
 
 
+def _parts(patch, ctx: Context) -> list:
+    return ctx.parts(patch) if ctx.parts is not None else parts_of(patch, ctx.sglang_root)
+
+
 # --------------------------------------------------------------------------- the decision
 
 
@@ -195,7 +201,7 @@ def decide(patch, ctx: Context) -> Decision:
     early = _before_parts(patch, ctx)
     if early is not None:
         return early
-    parts = [_decide_part(patch, part, targets, ctx) for part, targets in parts_of(patch, ctx.sglang_root)]
+    parts = [_decide_part(patch, part, targets, ctx) for part, targets in _parts(patch, ctx)]
     wrapped = [t for t in (t for p in parts for t in p.targets) if t.state is TargetState.WRAPPED]
     if wrapped:  # all or nothing per patch: another library's wrapper is never bypassed
         for part in parts:
@@ -213,7 +219,7 @@ def _before_parts(patch, ctx: Context) -> Optional[Decision]:
     reason = None if ctx.force else release_reason(patch, ctx.version)
     if reason:
         return Decision(patch, State.NOT_APPLICABLE, reason)
-    missing = ctx.missing_modules(modules_of(patch, ctx.sglang_root))
+    missing = ctx.missing_modules(sorted({t.module for _, targets in _parts(patch, ctx) for t in targets}))
     if not missing:
         return None
     # A module this sglang does not have will never be imported: say so now.
@@ -276,8 +282,9 @@ def _after_parts(patch, parts: list, ctx: Context) -> Decision:
 def _fold(parts: list, version) -> tuple:
     """(state, reason) of a patch none of whose parts applies."""
     states = [p.state for p in parts]
-    single = len(parts) == 1
-    text = "; ".join(p.reason or str(p.state) if single else f"{p.name}: {p.text()}" for p in parts)
+    # One part, or every part excluded for the same reason (e.g. the hardware): that reason once.
+    single = len({(p.state, p.reason) for p in parts}) == 1
+    text = parts[0].reason or str(parts[0].state) if single else "; ".join(f"{p.name}: {p.text()}" for p in parts)
     if states and all(s is State.UPSTREAM for s in states):
         return State.UPSTREAM, f"sglang {version} already contains the change"
     if State.SKIPPED in states:

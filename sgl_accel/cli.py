@@ -86,8 +86,7 @@ def cmd_pin(args) -> int:
     from .compat.query import explain, pin
 
     names = resolve_names(args.patches) if args.patches else None
-    kind = parse_hardware(args.hardware).kind if args.hardware else None
-    result = pin(names, kind)
+    result = pin(names, parse_hardware(args.hardware) if args.hardware else None)
     if args.explain:
         print(explain(result))
     if not result.requirement:

@@ -123,18 +123,19 @@ def test_pin_counts_an_opt_in_patch_only_when_named():
     import dataclasses
 
     from sgl_accel._registry import register_extra, unregister_extra
+    from sgl_accel._detect import parse_hardware
     from sgl_accel.compat.query import pin
 
-    base = pin(None, "ascend")
+    base = pin(None, parse_hardware("ascend"))
     ascend_patch = next(p for p in all_patches().values() if "ascend" in p.hardware and not p.opt_in)
     extra = dataclasses.replace(ascend_patch, name="test-opt-in-ascend", opt_in=True)
     register_extra(extra)
     try:
-        unnamed = pin(None, "ascend")
+        unnamed = pin(None, parse_hardware("ascend"))
         assert extra.name not in unnamed.names
         assert unnamed.requirement == base.requirement
         # Named, it counts: the matrix has no cell for it, so no release gives its benefit.
-        named = pin([extra.name], "ascend")
+        named = pin([extra.name], parse_hardware("ascend"))
         assert named.names == [extra.name] and named.requirement == ""
     finally:
         unregister_extra(extra.name)
@@ -196,6 +197,30 @@ def test_plan_gives_every_cell_its_reason_in_one_line():
             assert entry["reason"] in report.reason, (release, name)
             if entry["state"] != "applies":
                 assert report.reason.startswith(f"{entry['state']}: "), (release, name, report.reason)
+
+
+@pytest.mark.sglang
+@pytest.mark.parametrize("hardware_name", ["ascend", "rocm:gfx950", "cuda"])
+def test_plan_from_the_matrix_agrees_with_status_on_the_installed_release(sglang_release, hardware_name):
+    """plan --sglang X (decide over the matrix row of X) and status (decide over the installed
+    source of X) reach the same state for every patch, part and target on each hardware.
+    Kernels are not judged on either side: the matrix cannot know the machine's kernels."""
+    from sgl_accel._decide import decide
+    from sgl_accel._detect import parse_hardware, sglang_install
+    from sgl_accel._plan import plan_patch, source_context
+    from sgl_accel.compat.query import decide_release, plan_release
+
+    install = sglang_install()
+    assert install.version == str(sglang_release)
+    hardware = parse_hardware(hardware_name)
+    planned = plan_release(install.version, hardware)
+    for name, patch in all_patches().items():
+        live = decide(patch, source_context(install.location, install.version, hardware, check_kernels=False))
+        from_matrix = decide_release(patch, install.version, hardware)
+        assert from_matrix.state == live.state, (name, from_matrix.reason, live.reason)
+        assert [(p.name, p.state) for p in from_matrix.parts] == [(p.name, p.state) for p in live.parts], name
+        assert [(t.target.key, t.state) for t in from_matrix.targets] == [(t.target.key, t.state) for t in live.targets], name
+        assert planned[name].state == plan_patch(patch, install.location, install.version, hardware, check_kernels=False).state, name
 
 
 # --------------------------------------------------------------------------- the scanner
