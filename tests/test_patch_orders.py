@@ -18,11 +18,13 @@ child; they run two at a time.
 
 What is expected comes from the matrix (``sgl_accel/compat/matrix.json``), never typed
 here: ``applies`` -> rewritten; ``upstream`` -> ``upstream`` and nothing changed;
-``not-applicable``/``not-needed`` -> nothing changed, unless HARNESS forces the gates
+``not-applicable``/``not-needed`` -> nothing changed, unless an override forces the gates
 (then the parts the matrix found applicable are rewritten, as ``apply(force=True)``
 promises); ``drifted``/``replaced`` -> ``skipped``, nothing changed; ``absent``/``older-form``
--> not exercised (the code the patch changes is not there). HARNESS says how each patch is exercised; a registered patch missing from
-it (or from NOT_EXERCISED, with a reason) fails ``test_every_registered_patch_is_in_the_harness``.
+-> not exercised (the code the patch changes is not there). How each patch is exercised
+follows from its declared hardware (``derived_exercise``); OVERRIDES and NOT_EXERCISED
+(with reasons) hold the exceptions. A registered patch the harness can neither derive nor
+find listed fails ``test_every_registered_patch_is_in_the_harness``.
 """
 
 from __future__ import annotations
@@ -56,20 +58,36 @@ class Exercise:
     why: str = ""
 
 
-# How each shipped patch is exercised on CPU. The hardware must satisfy every part's
-# gate (checked below); the stand-ins provide the kernels.
-HARNESS = {
-    "ascend-gdn-conv1d-v2": Exercise("ascend"),
-    "ascend-dflash": Exercise("ascend"),
-    "nsa-indexer-fusion": Exercise("rocm:gfx950", why="ROCm: both parts (compile-head-gates is ROCm-only)"),
-    "nsa-decode-cat-skip": Exercise("rocm:gfx950", why="gfx95 with aiter (the stand-in) is its hardware gate"),
-    "ascend-cp-attn-batch": Exercise("ascend", why="applies by structure on 0.5.11/0.5.12.post1 (correct for both metadata forms)"),
-    "ascend-fia-extend-prefix": Exercise("ascend"),
-    "ascend-cp-padding": Exercise("ascend"),
-    "ascend-cp-prefill-batch": Exercise("ascend", why="opt-in: the SGL_ACCEL orders name it"),
-}
+# How a patch is exercised on CPU follows from its declared hardware: the emulated machine
+# of the first kind (in Patch.hardware order) that every part's gate accepts. gfx950 is the
+# ROCm arch with the widest gates (gfx95 with aiter, the stand-in); the stand-ins provide
+# the kernels. Opt-in patches are named in the SGL_ACCEL orders (_sgl_accel_value).
+EMULATED = {"ascend": "ascend", "rocm": "rocm:gfx950", "cuda": "cuda"}
+# Only patches that need something the rule above does not give, with the reason.
+OVERRIDES: dict[str, Exercise] = {}
 # Patches that cannot be exercised on any test release, with the reason.
 NOT_EXERCISED: dict[str, str] = {}
+
+
+def derived_exercise(patch):
+    """Exercise on the first declared hardware kind that passes every part's gate, else None."""
+    for kind in patch.hardware:
+        if kind in EMULATED and all(kind in (tuple(part.hardware) or tuple(patch.hardware)) for part in patch.parts):
+            return Exercise(EMULATED[kind])
+    return None
+
+
+def exercise_of(name: str, patch=None):
+    """How ``name`` is exercised: its override, else derived from its hardware (None: not exercised)."""
+    if name in NOT_EXERCISED:
+        return None
+    return OVERRIDES.get(name) or derived_exercise(patch or all_patches()[name])
+
+
+def harness() -> dict:
+    """{patch name: Exercise} for every registered patch the harness exercises."""
+    return {name: ex for name in all_patches() if (ex := exercise_of(name)) is not None}
+
 
 # Order -> (scenario process, the steps of that process it is judged on).
 ORDERS = {
@@ -90,30 +108,51 @@ FORCED_SCENARIOS = ("import-first", "apply-first")  # SGL_ACCEL alone cannot for
 # --------------------------------------------------------------------------- the registry
 
 
-def unlisted(patch_names) -> list:
+def unlisted(patches: dict) -> list:
     """Registered patches the harness neither exercises nor excuses."""
-    return [name for name in patch_names if name not in HARNESS and name not in NOT_EXERCISED]
+    return [name for name, patch in patches.items() if name not in NOT_EXERCISED and exercise_of(name, patch) is None]
 
 
 def test_every_registered_patch_is_in_the_harness():
-    registry = list(all_patches())
-    assert unlisted(registry) == [], "add these patches to HARNESS (or to NOT_EXERCISED with a reason)"
-    stale = [name for name in [*HARNESS, *NOT_EXERCISED] if name not in registry]
+    registry = all_patches()
+    assert unlisted(registry) == [], "give these patches an entry in OVERRIDES (or NOT_EXERCISED with a reason)"
+    stale = [name for name in [*OVERRIDES, *NOT_EXERCISED] if name not in registry]
     assert stale == [], "no longer registered: remove from the harness"
-    assert not set(HARNESS) & set(NOT_EXERCISED)
+    assert not set(OVERRIDES) & set(NOT_EXERCISED)
     assert all(NOT_EXERCISED.values()), "every excused patch needs its reason"
+    assert all(ex.why for ex in OVERRIDES.values()), "every override needs its reason"
 
 
-def test_a_new_unlisted_patch_is_caught():
-    assert unlisted([*all_patches(), "a-sixth-backport"]) == ["a-sixth-backport"]
+def test_a_new_patch_is_exercised_from_its_hardware_or_caught():
+    """A sixth backport needs no line here when one emulated machine passes all its parts'
+    gates; one whose parts need different machines fails until it is listed."""
+    import dataclasses
+
+    from sgl_accel._registry import Part
+
+    template = next(p for p in all_patches().values() if p.hardware == ("ascend",) and len(p.parts) == 1)
+    ascend = dataclasses.replace(template, name="a-sixth-backport")
+    assert unlisted({**all_patches(), ascend.name: ascend}) == []
+    assert exercise_of(ascend.name, ascend) == Exercise("ascend")
+    targets = template.parts[0].targets
+    split = dataclasses.replace(
+        template, name="a-split-backport", hardware=("ascend", "rocm"),
+        parts=[Part("npu", targets, hardware=("ascend",)), Part("gpu", targets, hardware=("rocm",))],
+    )
+    assert unlisted({**all_patches(), split.name: split}) == ["a-split-backport"]
 
 
 def test_the_harness_hardware_passes_every_part_gate():
-    for name, exercise in HARNESS.items():
+    from sgl_accel._decide import hardware_reason
+    from sgl_accel._detect import Hardware
+
+    for name, exercise in harness().items():
         patch = all_patches()[name]
-        kind = exercise.hardware.partition(":")[0]
+        kind, _, arch = exercise.hardware.partition(":")
+        # The child processes run with the stand-ins, aiter among them.
+        hardware = Hardware(kind=kind, arch=arch or None, details={"aiter": True}, overridden=True)
         for part in patch.parts:
-            assert kind in (tuple(part.hardware) or tuple(patch.hardware)), (name, part.name, exercise.hardware)
+            assert hardware_reason(patch, part, hardware) is None, (name, part.name, exercise.hardware)
 
 
 def test_the_test_releases_are_in_the_matrix():
@@ -121,8 +160,8 @@ def test_the_test_releases_are_in_the_matrix():
 
 
 def test_every_harness_patch_is_exercised_on_some_test_release():
-    for name in HARNESS:
-        cells = {release: expectation(name, release, forced=HARNESS[name].force) for release in release_list()}
+    for name, exercise in harness().items():
+        cells = {release: expectation(name, release, forced=exercise.force) for release in release_list()}
         assert any(cells.values()), f"{name} runs on no test release: move it to NOT_EXERCISED with the reason"
 
 
@@ -209,8 +248,8 @@ def _pending_before_import(name: str, release: str, forced: bool) -> bool:
 def _plan(release: str) -> dict:
     """{hardware: spec} for the patches exercised on this release."""
     groups: dict = {}
-    for name, exercise in HARNESS.items():
-        if name not in all_patches() or expectation(name, release, exercise.force) is None:
+    for name, exercise in harness().items():
+        if expectation(name, release, exercise.force) is None:
             continue
         keys = expectation(name, release, exercise.force).keys
         spec = groups.setdefault(exercise.hardware, {"patches": [], "modules": []})
@@ -317,10 +356,10 @@ def _cases():
 @pytest.mark.sglang
 @pytest.mark.parametrize("name, order", _cases())
 def test_patch_in_order(observed, name, order):
-    assert name in HARNESS or name in NOT_EXERCISED, f"{name} is registered but not in the harness"
     if name in NOT_EXERCISED:
         pytest.skip(NOT_EXERCISED[name])
-    exercise = HARNESS[name]
+    exercise = exercise_of(name)
+    assert exercise is not None, f"{name} is registered but the harness cannot exercise it: add it to OVERRIDES or NOT_EXERCISED"
     scenario, steps = ORDERS[order]
     forced = exercise.force and scenario in FORCED_SCENARIOS
     expect = expectation(name, RELEASE, forced)
