@@ -16,9 +16,9 @@ def _start_up_first():
     """Start-up activation (SGL_ACCEL set) waits for a target import; a call here comes first."""
     import sys
 
-    activation = sys.modules.get("sgl_accel._activate")
-    if activation is not None:
-        activation.ensure_active()
+    startup = sys.modules.get("sgl_accel._startup")
+    if startup is not None:
+        startup.ensure_active()
 
 
 def apply(patches=None, *, force=False, allow_untested=False):

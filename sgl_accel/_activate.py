@@ -1,9 +1,7 @@
-"""Activation from the environment: at start-up (the .pth line, SGL_ACCEL on) and from
-sglang's plugin loader. Both may run in one process: each bad value is warned about
-once and one INFO summary line is logged per process.
-
-Imported at start-up: nothing here imports more than ``_config``, ``_index`` and
-``_hooks`` until a target module is imported.
+"""Activation: apply the patches the settings select, once a process needs them (start-up's
+first target import, see ``_startup``) or at once (sglang's plugin loader). Both may run
+in one process: each bad value is warned about once and one INFO summary line is logged
+per process. Start-up never imports this module before activation.
 """
 
 from . import _config
@@ -11,48 +9,9 @@ from . import _config
 _announced = False
 
 
-def _warn(settings) -> None:
-    blocking = settings.patches is None and any(not p.startswith("SGL_ACCEL_LOG_LEVEL") for p in settings.problems)
-    for problem in settings.problems:
-        suffix = "; no patch applied" if blocking and not problem.startswith("SGL_ACCEL_LOG_LEVEL") else ""
-        _config.say_once("WARNING", problem + suffix)
-
-
-def at_startup() -> None:
-    """Validate, then wait (a meta-path finder) for the first import of a module a wanted patch targets."""
-    settings = _config.read(default_on=False)
-    _warn(settings)
-    if settings.patches is None:
-        return
-    from ._hooks import when_imported
-    from ._index import PATCHES
-
-    global _waiting
-    _waiting = True
-    modules = sorted({m for name in settings.patches if name in PATCHES for m in PATCHES[name][1]})
-    for module in modules:
-        when_imported(module, _on_first_target_import)
-
-
-_waiting = False  # start-up installed its finder and nothing has activated yet
-
-
-def _on_first_target_import(module) -> None:
-    ensure_active()
-
-
-def ensure_active() -> None:
-    """Start-up activation now, if it is still waiting (a first target import, or the
-    process calls apply()/status()/revert() itself)."""
-    global _waiting
-    if _waiting:
-        _waiting = False
-        activate(_config.read(default_on=False), "start-up")
-
-
 def from_plugin() -> None:
     settings = _config.read(default_on=True)
-    _warn(settings)
+    _config.warn_problems(settings)
     if settings.patches is not None:
         activate(settings, "sglang plugin")
 

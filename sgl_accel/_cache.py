@@ -2,7 +2,7 @@
 
 An entry holds the verdict of the structural guard for one target (state, reason,
 fingerprint) and, for a target that applies, the compiled rewrite. It is keyed on
-everything that determines them: the sgl-accel version and the text of its rewriting
+everything that determines them: the sgl-accel version, the stamps of its rewriting
 modules and of the patch's module, the patch and target names, the target file's stamp
 (path, size, modification time in ns, inode: as pytest keys its rewritten bytecode), the
 signature of the live function's code (bytecode, names, constants, flags, file, first
@@ -30,24 +30,16 @@ MAGIC = b"sgl-accel code cache 1\n"
 _code_digests: dict = {}
 
 
-def _file_digest(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:
-        return "unreadable"
-
-
 def sgl_accel_digest(patch_module_file: str | None) -> str:
-    """The sgl-accel code that shapes a rewrite: its version, the rewriting modules, the patch module."""
+    """The sgl-accel code that shapes a rewrite: its version and the stamps of the rewriting
+    modules and of the patch module (stamps, not contents: see ``file_stamp``)."""
     from . import __version__
 
     here = os.path.dirname(__file__)
-    files = [os.path.join(here, name) for name in ("_rewrite.py", "_guard.py", "_decide.py")] + [patch_module_file or ""]
-    key = tuple(files)
-    if key not in _code_digests:
-        _code_digests[key] = hashlib.sha256("\0".join([__version__] + [_file_digest(f) for f in files if f]).encode()).hexdigest()
-    return _code_digests[key]
+    files = tuple(os.path.join(here, name) for name in ("_rewrite.py", "_guard.py", "_decide.py")) + ((patch_module_file,) if patch_module_file else ())
+    if files not in _code_digests:
+        _code_digests[files] = hashlib.sha256("\0".join([__version__, *map(file_stamp, files)]).encode()).hexdigest()
+    return _code_digests[files]
 
 
 def code_signature(code) -> str:

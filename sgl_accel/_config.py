@@ -157,6 +157,16 @@ def read(environ=None, default_on: bool = False) -> Settings:
 
 # --------------------------------------------------------------------------- one message per process
 
+
+def warn_problems(settings: Settings) -> None:
+    """One warning per bad value (start-up and the plugin may both call this in one process);
+    those that stop every patch say so."""
+    blocking = settings.patches is None and any(not p.startswith("SGL_ACCEL_LOG_LEVEL") for p in settings.problems)
+    for problem in settings.problems:
+        suffix = "; no patch applied" if blocking and not problem.startswith("SGL_ACCEL_LOG_LEVEL") else ""
+        say_once("WARNING", problem + suffix)
+
+
 _said: set = set()
 
 

@@ -19,7 +19,7 @@ import ast
 import functools
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 _METAVAR = re.compile(r"^__[A-Za-z0-9_]*[A-Za-z0-9]$")
 _POSITION_FIELDS = ("lineno", "col_offset", "end_lineno", "end_col_offset")
@@ -113,8 +113,27 @@ def _bind(name: str, node, bindings: dict) -> bool:
     return True
 
 
-def normalized_dump(node: ast.AST) -> str:
-    return ast.dump(node, annotate_fields=False, include_attributes=False)
+def normalized_dump(node) -> str:
+    """``ast.dump(node, annotate_fields=False)`` as Python 3.11 writes it, on every Python: an
+    empty ``type_params`` (3.12+) is left out, as are fields that are None by default. Written
+    out because it is faster than ast.dump and its text is what fingerprints are made of."""
+    if isinstance(node, ast.AST):
+        cls = type(node)
+        args = []
+        keywords = False
+        for name in node._fields:
+            value = getattr(node, name, _MISSING)
+            if value is _MISSING or (value is None and getattr(cls, name, _MISSING) is None) or (name == "type_params" and not value):
+                keywords = keywords or name != "type_params"
+                continue
+            args.append(f"{name}={normalized_dump(value)}" if keywords else normalized_dump(value))
+        return f"{cls.__name__}({', '.join(args)})"
+    if isinstance(node, list):
+        return f"[{', '.join(map(normalized_dump, node))}]"
+    return repr(node)
+
+
+_MISSING = object()
 
 
 def fingerprint(node: ast.AST) -> str:
@@ -267,37 +286,64 @@ def count_matches(func: ast.AST, find: str, index: "NodeIndex | None" = None) ->
 
 
 def _replace_expressions(func: ast.AST, pattern: ast.AST, replacement: ast.AST) -> int:
+    """Replace, top-down, every expression under ``func`` that matches ``pattern`` (a replaced
+    site's own children are not searched). A plain recursion: ast.NodeTransformer's dispatch
+    made this the slowest step of a first apply()."""
     hits = 0
+    free = isinstance(pattern, ast.Name) and is_metavar(pattern.id)
+    wanted = type(pattern)
 
-    class Replace(ast.NodeTransformer):
-        def generic_visit(self, node):
+    def transform(node):
+        nonlocal hits
+        if (free or type(node) is wanted) and isinstance(node, ast.expr):
             bindings: dict = {}
-            if isinstance(node, ast.expr) and _match(pattern, node, bindings):
-                nonlocal hits
+            if _match(pattern, node, bindings):
                 hits += 1
                 return _substitute(replacement, bindings, node)
-            return super().generic_visit(node)
+        replace_children(node)
+        return node
 
-    Replace().generic_visit(func)  # never replaces the function node itself
+    def replace_children(node):
+        for field in node._fields:
+            value = getattr(node, field, None)
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    if isinstance(item, ast.AST):
+                        value[i] = transform(item)
+            elif isinstance(value, ast.AST):
+                setattr(node, field, transform(value))
+
+    replace_children(func)  # never replaces the function node itself
     return hits
 
 
 _BLOCK_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
 
 
-def _statement_lists(root: ast.AST) -> Iterable[list]:
-    for node in walk(root):
-        if not isinstance(node, (ast.stmt, ast.excepthandler, ast.match_case)):
-            continue
+_BLOCK_FIELD_SET = frozenset(_BLOCK_FIELDS)
+
+
+def _statement_lists(root: ast.AST) -> list:
+    """Every statement list under ``root``, in the order of a depth-first walk. Only nodes
+    that hold statements are visited (expressions never do), which skips most of a tree."""
+    blocks = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        fields = node.__dict__
         for field in _BLOCK_FIELDS:
-            value = node.__dict__.get(field)
+            value = fields.get(field)
             if value and isinstance(value, list) and isinstance(value[0], ast.stmt):
-                yield value
+                blocks.append(value)
+        for field, value in fields.items():  # the tree's own field order, as a full walk has it
+            if field in _BLOCK_FIELD_SET and isinstance(value, list):
+                stack.extend(value)
+    return blocks
 
 
 def _replace_statements(func: ast.AST, pattern: list, replacement: list) -> int:
     hits = 0
-    for block in list(_statement_lists(func)):
+    for block in _statement_lists(func):
         i = 0
         while i + len(pattern) <= len(block):
             bindings: dict = {}
@@ -380,6 +426,12 @@ def code_last_line(code) -> int:
 
 _IMPORT_LINE = re.compile(r"^(\s*)(import|from)\s")
 _TOP_LEVEL_SCOPE = re.compile(r"^(def|async\s+def|class|@)")
+_MODULE_LINE = re.compile(r"^(?:[^\s#]|[ \t]+(?:import|from)\s)", re.M)
+
+
+def _line_at(text: str, start: int) -> str:
+    end = text.find("\n", start)
+    return text[start:] if end < 0 else text[start : end + 1]
 
 
 def module_import_names(lines: list) -> tuple:
@@ -390,29 +442,51 @@ def module_import_names(lines: list) -> tuple:
     function recompiled on its own must see the same import bindings to produce
     the same bytecode as the original.
     """
-    names: list = []
+    text = "".join(lines)
+    statements: list = []
     in_def = False
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line[:1] not in (" ", "\t", "\n", "#", "") and line.strip():
+    consumed = 0  # end of the last import statement taken (its continuation lines included)
+    for match in _MODULE_LINE.finditer(text):  # top-level lines and indented imports only
+        start = match.start()
+        if start < consumed:
+            continue
+        line = _line_at(text, start)
+        if not line[0].isspace():
             in_def = bool(_TOP_LEVEL_SCOPE.match(line))
-        match = _IMPORT_LINE.match(line)
-        if match and not in_def:
-            statement, depth = line, line.count("(") - line.count(")")
-            while (depth > 0 or statement.rstrip().endswith("\\")) and i + 1 < len(lines):
-                i += 1
-                statement += lines[i]
-                depth += lines[i].count("(") - lines[i].count(")")
-            try:
-                node = ast.parse(statement.strip()).body[0]
-            except SyntaxError:  # e.g. a docstring line that starts with "import"
-                node = None
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                for alias in node.names:
-                    names.append(alias.asname or alias.name.split(".")[0])
-        i += 1
+        if in_def or not _IMPORT_LINE.match(line):
+            continue
+        statement, end = line, start + len(line)
+        depth = line.count("(") - line.count(")")
+        while (depth > 0 or statement.rstrip().endswith("\\")) and end < len(text):
+            more = _line_at(text, end)
+            statement, end = statement + more, end + len(more)
+            depth += more.count("(") - more.count(")")
+        consumed = end
+        statements.append(statement.strip())
+    names: list = []
+    for node in _parse_imports(statements):
+        for alias in node.names:
+            names.append(alias.asname or alias.name.split(".")[0])
     return tuple(dict.fromkeys(n for n in names if n != "*"))
+
+
+def _parse_imports(statements: list) -> list:
+    """The import nodes among ``statements``: one parse of them all (the common case), else
+    one parse each (a docstring line that starts with "import" is not a statement)."""
+    try:
+        tree = ast.parse("\n".join(statements))
+    except SyntaxError:
+        tree = None
+    if tree is not None and len(tree.body) == len(statements):
+        nodes = tree.body
+    else:
+        nodes = []
+        for statement in statements:
+            try:
+                nodes.append(ast.parse(statement).body[0])
+            except (SyntaxError, IndexError):
+                pass
+    return [n for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom))]
 
 
 # --------------------------------------------------------------------------- compile

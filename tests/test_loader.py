@@ -321,3 +321,20 @@ def test_opt_in_patch_applies_only_when_named(demo, monkeypatch):
     finally:
         sgl_accel.revert(["demo-opt-in"])
         unregister_extra("demo-opt-in")
+
+
+def test_from_import_copies_follow_apply_and_revert(demo, tmp_path):
+    """``from demo import scale`` (also under another name) in an sglang module gets the patched
+    function, in one pass for the whole apply(); revert puts the originals back in every copy."""
+    user = f"sglang_demo_user_{uuid.uuid4().hex[:8]}"  # the copies looked for are in sglang's modules
+    (tmp_path / f"{user}.py").write_text(f"from {demo} import scale\nfrom {demo} import scale as double\n")
+    module = importlib.import_module(demo)
+    copies = importlib.import_module(user)
+    try:
+        original = module.scale
+        sgl_accel.apply(["demo-patch"])
+        assert copies.scale is module.scale is copies.double and copies.scale(1) == 3
+        sgl_accel.revert(["demo-patch"])
+        assert copies.scale is original and copies.double is original
+    finally:
+        sys.modules.pop(user, None)

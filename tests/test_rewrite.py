@@ -1,7 +1,10 @@
 """The rewrite engine: pattern matching, exact site counts, faithful compilation."""
 
 import ast
+import os
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +117,60 @@ def test_compiled_staticmethod_stays_static(tmp_path):
     exec(SOURCE, namespace)
     new = compile_def(_def("Child.g"), "<demo>", namespace, {})
     assert isinstance(new, staticmethod)
+
+
+def test_normalized_dump_is_python_3_11_ast_dump():
+    """Fingerprints (and the matrix's tested sources) are made of this text: it must be the
+    text ast.dump gives on 3.10/3.11, where the matrix is generated."""
+    from sgl_accel._rewrite import normalized_dump
+
+    tree = ast.parse(SOURCE + "\ndef h(a, /, b=None, *c, d, **e) -> int:\n    return {**e, 1: a[b:], 2: None}\n")
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert len(nodes) == 6
+    if sys.version_info < (3, 12):
+        assert [normalized_dump(n) for n in nodes] == [ast.dump(n, annotate_fields=False) for n in nodes]
+    # 3.12 added FunctionDef.type_params (ast.dump then writes "type_params=[]"): left out when empty.
+    later = type("FunctionDef", (ast.AST,), {"_fields": (*ast.FunctionDef._fields, "type_params"), "returns": None, "type_comment": None})
+    node = _def("Child.f")
+    newer = later(**{name: getattr(node, name) for name in ast.FunctionDef._fields}, type_params=[])
+    assert normalized_dump(newer) == normalized_dump(node)
+
+
+def _interpreter(minor: int):
+    """A working python3.<minor> on PATH or under pyenv, else None."""
+    import glob
+    import shutil
+    import subprocess
+
+    candidates = [shutil.which(f"python3.{minor}"), *sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/3.{minor}.*/bin/python3.{minor}")))]
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "-c", "pass"], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.parametrize("minor", [10, 11, 12, 13])
+def test_fingerprints_are_the_same_on_every_python(minor):
+    """A def's fingerprint is the same on 3.10-3.13 (ast.dump's own text differs on 3.12 and
+    3.13, which made every target "untested" there). Runs each interpreter this machine has."""
+    import subprocess
+
+    found = _interpreter(minor)
+    if found is None:
+        pytest.skip(f"no working python3.{minor} here")
+    code = (
+        "import ast, importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('rewrite_under_test', {str(Path(_rewrite_file()))!r})\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module; spec.loader.exec_module(module)\n"
+        f"tree = ast.parse({SOURCE!r})\n"
+        "print([module.fingerprint(n) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))])\n"
+    )
+    there = subprocess.run([found, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    here = str([fingerprint(n) for n in ast.walk(ast.parse(SOURCE)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))])
+    assert there == here
+
+
+def _rewrite_file() -> str:
+    from sgl_accel import _rewrite
+
+    return _rewrite.__file__
