@@ -563,14 +563,15 @@ def _replace_aliases(names) -> None:
     replaced = {}  # id(original) -> (swap, patch name)
     for name in names:
         for swap in _states[name].swaps:
-            if swap.target is not None and not isinstance(swap.owner, type) and swap.in_place():
+            if swap.target is not None and not isinstance(swap.owner, type) and swap.owner.__dict__.get(swap.attr) is swap.patched:
                 replaced[id(swap.original)] = (swap, name)
     if not replaced:
         return
     originals = replaced.keys()
-    for module_name, module in list(sys.modules.items()):
+    # dict.copy and the id test run in C (no tuple per entry, no thread switch in between).
+    for module_name, module in sys.modules.copy().items():
         namespace = getattr(module, "__dict__", None)
-        if not module_name.startswith("sglang") or namespace is None or originals.isdisjoint(map(id, list(namespace.values()))):
+        if not module_name.startswith("sglang") or namespace is None or originals.isdisjoint(map(id, namespace.values())):
             continue
         for attr, value in list(namespace.items()):
             swap, name = replaced.get(id(value), (None, None))
