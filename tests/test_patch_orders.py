@@ -69,10 +69,21 @@ OVERRIDES: dict[str, Exercise] = {}
 NOT_EXERCISED: dict[str, str] = {}
 
 
+def emulated(spec: str):
+    """The machine a child process of the harness sees: SGL_ACCEL_HARDWARE=spec, with the stand-ins (aiter among them)."""
+    from sgl_accel._detect import Hardware
+
+    kind, _, arch = spec.partition(":")
+    return Hardware(kind=kind, arch=arch or None, details={"aiter": True}, overridden=True)
+
+
 def derived_exercise(patch):
-    """Exercise on the first declared hardware kind that passes every part's gate, else None."""
+    """Exercise on the first declared hardware kind whose emulated machine passes every part's
+    hardware gate (the loader's own, _decide.hardware_reason), else None."""
+    from sgl_accel._decide import hardware_reason
+
     for kind in patch.hardware:
-        if kind in EMULATED and all(kind in (tuple(part.hardware) or tuple(patch.hardware)) for part in patch.parts):
+        if kind in EMULATED and all(hardware_reason(patch, part, emulated(EMULATED[kind])) is None for part in patch.parts):
             return Exercise(EMULATED[kind])
     return None
 
@@ -144,15 +155,11 @@ def test_a_new_patch_is_exercised_from_its_hardware_or_caught():
 
 def test_the_harness_hardware_passes_every_part_gate():
     from sgl_accel._decide import hardware_reason
-    from sgl_accel._detect import Hardware
 
     for name, exercise in harness().items():
         patch = all_patches()[name]
-        kind, _, arch = exercise.hardware.partition(":")
-        # The child processes run with the stand-ins, aiter among them.
-        hardware = Hardware(kind=kind, arch=arch or None, details={"aiter": True}, overridden=True)
         for part in patch.parts:
-            assert hardware_reason(patch, part, hardware) is None, (name, part.name, exercise.hardware)
+            assert hardware_reason(patch, part, emulated(exercise.hardware)) is None, (name, part.name, exercise.hardware)
 
 
 def test_the_test_releases_are_in_the_matrix():
@@ -236,10 +243,9 @@ def expectation(name: str, release: str, forced: bool):
 
 def _pending_before_import(name: str, release: str, forced: bool) -> bool:
     """The release gate (the one gate decided before import) holds, or is forced."""
-    from packaging.specifiers import SpecifierSet
+    from sgl_accel._decide import release_reason
 
-    releases = all_patches()[name].releases
-    return forced or not releases or SpecifierSet(releases).contains(release, prereleases=True)
+    return forced or release_reason(all_patches()[name], release) is None
 
 
 # --------------------------------------------------------------------------- the processes
