@@ -158,6 +158,15 @@ def parse_hardware(value: str) -> Hardware:
     return Hardware(kind=kind, arch=arch or None, details=details, overridden=True)
 
 
+def fleet_hardware(value: str) -> Hardware:
+    """``value`` as the machines a release is chosen for (``pin``): what this machine has
+    installed says nothing about them, so the libraries a patch gates on (aiter) count as there."""
+    hardware = parse_hardware(value)
+    if hardware.kind == "rocm":
+        hardware.details["aiter"] = True
+    return hardware
+
+
 def hardware_override() -> Optional[Hardware]:
     """SGL_ACCEL_HARDWARE as read by _config; SettingError for a bad value."""
     from ._config import read

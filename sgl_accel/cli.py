@@ -81,12 +81,12 @@ def cmd_plan(args) -> int:
 
 def cmd_pin(args) -> int:
     """The sglang releases on which every named patch gives its benefit (see compat.query)."""
-    from ._detect import parse_hardware
+    from ._detect import fleet_hardware
     from ._registry import resolve_names
     from .compat.query import explain, pin
 
     names = resolve_names(args.patches) if args.patches else None
-    result = pin(names, parse_hardware(args.hardware) if args.hardware else None)
+    result = pin(names, fleet_hardware(args.hardware) if args.hardware else None)
     if args.explain:
         print(explain(result))
     if not result.requirement:

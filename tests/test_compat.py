@@ -103,6 +103,19 @@ def test_pin_for_a_hardware_names_every_release_its_users_can_stay_on():
     assert any(matrix["matrix"][r][n]["state"] == "upstream" for r in good for n in ascend)
 
 
+def test_pin_for_rocm_does_not_depend_on_what_this_machine_has_installed():
+    """pin plans for the named hardware: nsa-decode-cat-skip (gfx95 with aiter) counts for
+    rocm:gfx950 whether or not aiter is importable where pin runs (it is not, here)."""
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('aiter'))"], capture_output=True, text=True)
+    assert probe.stdout.strip() == "None"  # where pin runs: the case the planning must not depend on
+    rocm = [n for n, p in all_patches().items() if "rocm" in p.hardware and not p.opt_in]
+    assert "nsa-decode-cat-skip" in rocm
+    proc = _cli("pin", "--hardware", "rocm:gfx950", "--explain")
+    assert proc.returncode == 0, proc.stderr
+    assert any(line.startswith("    nsa-decode-cat-skip: applies") for line in proc.stdout.splitlines()), proc.stdout
+    assert _covered(proc.stdout.strip().splitlines()[-1], load_matrix()["releases"]) == _benefit_releases(rocm)
+
+
 def test_pin_explain_gives_each_release_and_patch_a_reason():
     matrix = load_matrix()
     proc = _cli("pin", "--hardware", "ascend", "--explain")
