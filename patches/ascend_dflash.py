@@ -33,7 +33,7 @@ supported release predates 0.5.13.
 
 from sgl_accel._guard import SourceCheck
 from sgl_accel._registry import Patch, Part, Target
-from sgl_accel._rewrite import Rule
+from sgl_accel._rewrite import Rule, walk
 
 DFLASH_MODULE = "sglang.srt.models.dflash"
 WORKER_MODULE = "sglang.srt.speculative.dflash_worker"
@@ -63,7 +63,7 @@ def _accepts_ascend_draft(def_node, reader) -> int:
     import ast
 
     found = 0
-    for node in ast.walk(def_node):
+    for node in walk(def_node):
         if not (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "supported_draft_backends" for t in node.targets)):
             continue
         value = node.value

@@ -41,7 +41,7 @@ Drop this patch once no supported release predates 0.5.12.
 import ast
 
 from sgl_accel._registry import Patch, Part, Target
-from sgl_accel._rewrite import Custom, Rule
+from sgl_accel._rewrite import Custom, Probe, Rule, dotted_name, statement_lists, walk
 
 BACKEND_MODULE = "sglang.srt.hardware_backend.npu.attention.ascend_backend"
 FIA_OP = "npu_fused_infer_attention_score"
@@ -136,14 +136,19 @@ else:
 
 
 def _is_fia_branch(node) -> bool:
-    return isinstance(node, ast.If) and ast.unparse(node.test) == "self.use_fia"
+    return isinstance(node, ast.If) and dotted_name(node.test) == "self.use_fia"
 
 
 def _rewrite_fia_branch(func) -> int:
     """Apply the rewrite inside ``if self.use_fia:`` bodies only: the MLA branch has the
     same per-request statements (used there only without a prefix) and stays as it is."""
     rule = Rule("per-request FIA body", find=_PER_REQUEST, replace=_BY_PREFIX)
-    return sum(rule.apply(node) for node in list(ast.walk(func)) if _is_fia_branch(node))
+    return sum(rule.apply(node) for node in _fia_branches(func))
+
+
+def _fia_branches(func) -> list:
+    """The ``if self.use_fia:`` statements of ``func``, at any depth."""
+    return [node for block in statement_lists(func) for node in block if _is_fia_branch(node)]
 
 
 def _paged_prefill_calls(func) -> int:
@@ -151,11 +156,9 @@ def _paged_prefill_calls(func) -> int:
     paged KV cache in TND layout with per-request KV lengths (0.5.12.post1's form).
     Keyword order and the op's namespace (``torch_npu`` / ``torch.ops.npu``) do not matter."""
     hits = 0
-    for node in ast.walk(func):
-        if not _is_fia_branch(node):
-            continue
+    for node in _fia_branches(func):
         for statement in node.body:
-            for call in ast.walk(statement):
+            for call in walk(statement):
                 if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == FIA_OP):
                     continue
                 keywords = {k.arg: k.value for k in call.keywords}
@@ -194,7 +197,7 @@ PATCH = Patch(
                             _rewrite_fia_branch,
                         ),
                     ],
-                    upstream=[Custom("paged TND FIA call in the FIA prefill branch", _paged_prefill_calls)],
+                    upstream=[Probe("paged TND FIA call in the FIA prefill branch", _paged_prefill_calls)],
                 )
             ],
         )

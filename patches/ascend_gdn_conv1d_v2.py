@@ -54,7 +54,7 @@ used). Drop this patch once no supported release predates 0.5.12.
 
 from sgl_accel._guard import SourceCheck
 from sgl_accel._registry import Part, Patch, Target
-from sgl_accel._rewrite import Custom, Present, Rule
+from sgl_accel._rewrite import Present, Probe, Rule, dotted_name, walk
 
 MODULE = "sglang.srt.hardware_backend.npu.attention.ascend_gdn_backend"
 QUALNAME = "AscendGDNAttnBackend.forward_extend"
@@ -89,8 +89,8 @@ def _verify_on_fused_ascendc_conv(def_node) -> int:
     import ast
 
     found = 0
-    for node in ast.walk(def_node):
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.ops.npu.causal_conv1d":
+    for node in walk(def_node):
+        if isinstance(node, ast.Call) and dotted_name(node.func) == "torch.ops.npu.causal_conv1d":
             found += any(k.arg == "run_mode" and isinstance(k.value, ast.Constant) and k.value.value == 1 for k in node.keywords)
     return found
 
@@ -98,7 +98,7 @@ def _verify_on_fused_ascendc_conv(def_node) -> int:
 # 0.5.18+: the verify branch runs the AscendC causal_conv1d op (one op for conv + state update
 # over the packed tokens, run_mode=1) instead of either causal_conv1d_update form.
 _REPLACED_BY_FUSED_OP = (
-    Custom("torch.ops.npu.causal_conv1d(..., run_mode=1)", _verify_on_fused_ascendc_conv),
+    Probe("torch.ops.npu.causal_conv1d(..., run_mode=1)", _verify_on_fused_ascendc_conv),
     "the verify conv runs on the AscendC causal_conv1d op (run_mode=1), which replaces "
     "causal_conv1d_update and its v2 form and does the same job in one op",
 )

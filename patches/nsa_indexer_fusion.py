@@ -44,7 +44,7 @@ Drop this patch when no supported install is older than 0.5.11.
 """
 
 from sgl_accel._registry import Patch, Part, Target
-from sgl_accel._rewrite import Custom, Present, Rule
+from sgl_accel._rewrite import Present, Probe, Rule
 
 MODULE = "sglang.srt.layers.attention.nsa.nsa_indexer"
 # 0.5.13 renamed NSA to DSA; nsa_indexer.py became a re-export shim.
@@ -140,7 +140,7 @@ def _always_compiled(def_node) -> int:
 # came in 0.5.10); 0.5.3.post3-0.5.7 have no _project_and_scale_head_gates, and
 # 0.5.3.post3/0.5.4 no _get_k_bf16.
 _OLDER_HEAD_GATE = (
-    Custom("decorated with plain torch.compile(dynamic=True)", _always_compiled),
+    Probe("decorated with plain torch.compile(dynamic=True)", _always_compiled),
     "older form: compiled with torch.compile on every platform (before the HIP exception this patch removes)",
 )
 _OLDER_WRITE_BACK = (

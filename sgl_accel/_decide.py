@@ -77,6 +77,8 @@ class Source:
     # Run only when the target applies (costly): None if fine, else why not (memory vs file).
     confirm: Optional[Callable[[], Optional[str]]] = None
     handle: object = None  # the reader's own data, handed to the builder
+    # The reader parsed ``node`` for this check alone: the rules may rewrite it in place.
+    rewrite_in_place: bool = False
 
 
 @dataclass
@@ -253,7 +255,7 @@ def check_target(target, source: Source, reader=None) -> TargetDecision:
     """The structural guard on what the reader found (a decided source is taken as is)."""
     if source.state is not None:
         return TargetDecision(target, source.state, source.reason, source.fingerprint, source=source)
-    verdict = check_def(target, source.node, reader)
+    verdict = check_def(target, source.node, reader, in_place=source.rewrite_in_place)
     state = TargetState(verdict.state)
     reason = verdict.reason
     if state is TargetState.APPLIES and source.confirm is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ._rewrite import NodeIndex, clone, fingerprint, find_def
+from ._rewrite import NodeIndex, Present, Probe, clone, count_matches, fingerprint, find_def
 
 
 # Target states besides applies | upstream | drifted | absent (see Target.replaced / .older).
@@ -45,8 +45,10 @@ class Verdict:
     patched: Optional[ast.AST] = None
 
 
-def check_def(target, def_node, reader=None) -> Verdict:
-    """``reader``: a SourceReader of the release, for SourceCheck markers."""
+def check_def(target, def_node, reader=None, *, in_place: bool = False) -> Verdict:
+    """``reader``: a SourceReader of the release, for SourceCheck markers. ``in_place``: the
+    caller parsed ``def_node`` for this check alone, so the rules rewrite it rather than a copy
+    (the verdict then has no ``original``)."""
     if def_node is None:
         return _absent_or_older_elsewhere(target, reader)
     fp = fingerprint(def_node)
@@ -59,18 +61,21 @@ def check_def(target, def_node, reader=None) -> Verdict:
             return Verdict(REPLACED, f"{target.qualname}: {why}", fp, def_node)
     if index.uses_private_names():
         return Verdict("drifted", f"{target.qualname} uses class-private names", fp, def_node)
-    patched = clone(def_node)
+    # ``older`` markers read the def after the rules failed on it: the rules then get a copy.
+    in_place = in_place and not target.older
+    patched = def_node if in_place else clone(def_node)
     problems = []
     for rule in target.rules:
         sites = rule.apply(patched)
         if sites != rule.count:
             problems.append(f"'{rule.description}' matched {sites} site(s), expected {rule.count}")
+    original = None if in_place else def_node
     if problems:
         for marker, why in target.older:
             if _marker_hits(marker, def_node, index, reader):
-                return Verdict(OLDER_FORM, f"{target.qualname}: {why}", fp, def_node)
-        return Verdict("drifted", f"{target.qualname}: " + "; ".join(problems), fp, def_node)
-    return Verdict("applies", f"{target.qualname} has the expected shape", fp, def_node, patched)
+                return Verdict(OLDER_FORM, f"{target.qualname}: {why}", fp, original)
+        return Verdict("drifted", f"{target.qualname}: " + "; ".join(problems), fp, original)
+    return Verdict("applies", f"{target.qualname} has the expected shape", fp, original, patched)
 
 
 def _absent_or_older_elsewhere(target, reader) -> Verdict:
@@ -83,14 +88,17 @@ def _absent_or_older_elsewhere(target, reader) -> Verdict:
 
 
 def _marker_hits(marker, def_node, index, reader=None) -> int:
-    """A marker is a pattern string, a rule object (Present/Custom) run on a copy, or a SourceCheck."""
-    from ._rewrite import count_matches
-
+    """A marker is a pattern string, a Present or Probe (they only read the def), a SourceCheck,
+    or a Custom rule (run on a copy: it may change the tree)."""
     if isinstance(marker, str):
         return count_matches(def_node, marker, index)
+    if isinstance(marker, Present):
+        return count_matches(def_node, marker.find, index)
+    if isinstance(marker, Probe):
+        return marker.apply(def_node)
     if isinstance(marker, SourceCheck):
         return marker.check(def_node, reader) if reader is not None else 0
-    return marker.apply(clone(def_node))  # a Custom rule may change the tree
+    return marker.apply(clone(def_node))
 
 
 def marker_text(marker) -> str:

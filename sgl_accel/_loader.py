@@ -31,7 +31,7 @@ from ._guard import SourceReader
 from ._detect import Hardware, SglangInstall, detect_hardware, hardware_override, kernel_available, sglang_install
 from ._registry import Patch, Target, all_patches, default_names, patch_module_file, resolve_names
 from ._report import PatchReport, Report, TargetReport
-from ._rewrite import FACTORY, code_last_line, compile_def, factory_code, future_flags, module_import_names, parse_def_at, run_factory
+from ._rewrite import FACTORY, code_last_line, def_code_from_pyc, def_code_from_text, factory_code, future_flags, module_import_names, parse_def_at, run_factory
 
 logger = logging.getLogger("sgl_accel")
 
@@ -287,8 +287,9 @@ def _read_live(patch: Patch, target: Target, cache: Optional[CodeCache] = None) 
         return Source(state=TargetState.DRIFTED, reason=reason)
     if len(wrappers) > len(node.decorator_list):  # more wrappers than the installed source writes
         return Source(state=TargetState.WRAPPED, reason=f"{target.qualname} is wrapped at run time by {_describe(wrappers[0])}; sgl-accel does not unwrap it")
-    confirm = lambda: None if _matches_memory(live, node) else f"{target.qualname} in memory differs from its source file (modified on disk, or replaced by other code)"  # noqa: E731
-    return Source(node=node, confirm=confirm, handle=live)
+    last_line = node.end_lineno
+    confirm = lambda: None if _matches_memory(live, last_line) else f"{target.qualname} in memory differs from its source file (modified on disk, or replaced by other code)"  # noqa: E731
+    return Source(node=node, confirm=confirm, handle=live, rewrite_in_place=True)
 
 
 def _foreign(target: Target, function, wrappers) -> Optional[str]:
@@ -359,11 +360,16 @@ def _import_names(live: _Live) -> tuple:
     return _import_name_cache[key]
 
 
-def _matches_memory(live: _Live, node) -> bool:
-    """Whether the function in memory was compiled from ``node`` (same bytecode)."""
+def _matches_memory(live: _Live, last_line: int) -> bool:
+    """Whether the function in memory was compiled from its file's lines up to ``last_line``
+    (the end of its def): the same bytecode, names and constants as the file's byte-code
+    cache when that cache is valid for the file (as import judges it), else as compiling
+    those lines."""
     code = live.function.__code__
-    rebuilt = compile_def(node, code.co_filename, live.module.__dict__, _closure_of(live.function), decorators=False, imported=_import_names(live), flags=future_flags(code))
-    return _code_parts(rebuilt.__code__) == _code_parts(code)
+    rebuilt = def_code_from_pyc(code.co_filename, code.co_name, code.co_firstlineno)
+    if rebuilt is None:
+        rebuilt = def_code_from_text(_source_lines(live), code.co_firstlineno, last_line, code.co_name, code.co_filename, code.co_freevars, imported=_import_names(live), flags=future_flags(code))
+    return rebuilt is not None and _code_parts(rebuilt) == _code_parts(code)
 
 
 # --------------------------------------------------------------------------- the code-object cache
@@ -443,7 +449,8 @@ def _check_again(live: _Live):
     from ._decide import check_target
 
     node, reason = _live_def(live)
-    decided = check_target(live.target, Source(node=node, confirm=lambda: None if _matches_memory(live, node) else "memory differs"))
+    last_line = getattr(node, "end_lineno", 0)
+    decided = check_target(live.target, Source(node=node, confirm=lambda: None if _matches_memory(live, last_line) else "memory differs", rewrite_in_place=True))
     if node is None or decided.state is not TargetState.APPLIES:
         raise RuntimeError(f"{live.target.qualname}: cache entry unusable and the target does not apply: {reason or decided.reason}")
     live.cached_code = None

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import ast
 import functools
+import os
 import re
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +45,19 @@ def clone(node):
     if isinstance(node, list):
         return [clone(item) for item in node]
     return node
+
+
+def dotted_name(node):
+    """``a.b.c`` for a name followed by attributes, else None (what ast.unparse gives for such a
+    node, without unparsing)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(node.id)
+    return ".".join(reversed(parts))
 
 
 def walk(node):
@@ -219,6 +234,19 @@ class Present:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """A check written as a function ``count_sites(func_def) -> sites found`` that only reads
+    the tree: a marker runs it on the def itself, where a Custom rule gets a copy."""
+
+    description: str
+    count_sites: Callable[[ast.AST], int]
+    count: int = 1
+
+    def apply(self, func: ast.AST) -> int:
+        return self.count_sites(func)
+
+
+@dataclass(frozen=True)
 class Custom:
     """A rewrite written as a function ``transform(func_def) -> sites changed``.
 
@@ -323,7 +351,7 @@ _BLOCK_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
 _BLOCK_FIELD_SET = frozenset(_BLOCK_FIELDS)
 
 
-def _statement_lists(root: ast.AST) -> list:
+def statement_lists(root: ast.AST) -> list:
     """Every statement list under ``root``, in the order of a depth-first walk. Only nodes
     that hold statements are visited (expressions never do), which skips most of a tree."""
     blocks = []
@@ -343,7 +371,7 @@ def _statement_lists(root: ast.AST) -> list:
 
 def _replace_statements(func: ast.AST, pattern: list, replacement: list) -> int:
     hits = 0
-    for block in _statement_lists(func):
+    for block in statement_lists(func):
         i = 0
         while i + len(pattern) <= len(block):
             bindings: dict = {}
@@ -556,6 +584,70 @@ def factory_code(func: ast.AST, filename: str, closure_names: tuple, *, decorato
             node.col_offset = node.end_col_offset = 0
     # The target module's own __future__ flags, never this module's.
     return compile(module, filename, "exec", flags=flags, dont_inherit=True)
+
+
+def def_code_from_text(lines: list, first_line: int, last_line: int, name: str, filename: str, closure_names: tuple = (), *, imported: tuple = (), flags: int = 0):
+    """The code object that lines ``first_line``..``last_line`` of a file (a def, decorators
+    included) compile to, set up as ``compile_def`` sets it up (closure names as factory
+    parameters, the module's import names, its ``__future__`` flags). Compiled from the text:
+    nothing runs and no Python AST is built, so it costs one C compile. None if the block is
+    a module-level def with free variables (no such def exists)."""
+    block = "".join(lines[first_line - 1 : last_line])
+    if block[:1] in (" ", "\t"):  # a method: the body of a factory, as in compile_def
+        head = "\n" * max(first_line - 2, 0) + f"def {FACTORY}({', '.join(closure_names)}):\n"
+    elif closure_names:
+        return None
+    else:
+        head = "\n" * (first_line - 1)
+    # Position does not matter: the compiler sees every import binding of the module at once.
+    tail = "\nif False: import " + ", ".join(imported) + "\n" if imported else "\n"
+    module = compile(head + block + tail, filename, "exec", flags=flags, dont_inherit=True)
+    scope = next((c for c in module.co_consts if isinstance(c, types.CodeType) and c.co_name == FACTORY), module)
+    return next((c for c in scope.co_consts if isinstance(c, types.CodeType) and c.co_name == name), None)
+
+
+def def_code_from_pyc(filename: str, name: str, first_line: int):
+    """The code object of the def ``name`` at ``first_line`` of ``filename``, as the import
+    system compiled it: read from the file's byte-code cache, if that cache is a timestamp
+    one that matches the file's current modification time and size (the test Python's own
+    import makes). None if there is no such cache or no such def in it (compile the text)."""
+    import importlib.util
+
+    try:
+        pyc = importlib.util.cache_from_source(filename)
+        st = os.stat(filename)
+        module = _module_code_in_pyc(pyc, int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF)
+    except (OSError, ValueError, NotImplementedError):
+        return None
+    return _find_code(module, name, first_line) if module is not None else None
+
+
+@functools.lru_cache(maxsize=8)
+def _module_code_in_pyc(pyc: str, mtime: int, size: int):
+    """The module code of a timestamp byte-code cache written for a source of that mtime and size."""
+    import importlib.util
+    import marshal
+
+    with open(pyc, "rb") as f:
+        data = f.read()
+    header_ok = data[:4] == importlib.util.MAGIC_NUMBER and int.from_bytes(data[4:8], "little") == 0
+    if not header_ok or int.from_bytes(data[8:12], "little") != mtime or int.from_bytes(data[12:16], "little") != size:
+        return None
+    try:
+        return marshal.loads(memoryview(data)[16:])
+    except (EOFError, ValueError, TypeError):
+        return None
+
+
+def _find_code(code, name: str, first_line: int):
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            if const.co_name == name and const.co_firstlineno == first_line:
+                return const
+            found = _find_code(const, name, first_line)
+            if found is not None:
+                return found
+    return None
 
 
 def run_factory(code, module_globals: dict, closure: dict):

@@ -92,3 +92,43 @@ def test_an_absent_target_whose_older_form_lives_elsewhere_is_named(tmp_path):
     verdict = check_static(target, root)
     assert (verdict.state, verdict.reason) == (OLDER_FORM, "work: older form: the generic module runs slower()")
     assert check_static(target, _tree(tmp_path / "n", {"generic.py": "def run(x):\n    return x\n"})).state == "absent"
+
+
+def test_read_only_markers_see_the_def_and_a_custom_marker_a_copy():
+    """Probe and Present markers only read, so the guard hands them the def itself; a Custom
+    rule used as a marker may change the tree, so it gets a copy and the def stays as parsed."""
+    from sgl_accel._guard import check_def
+    from sgl_accel._rewrite import Custom, Present, Probe, normalized_dump
+
+    node = ast.parse(textwrap.dedent(OLD)).body[0]
+    before = normalized_dump(node)
+    seen = []
+
+    def probe(def_node):
+        seen.append(("probe", def_node))
+        return 0
+
+    def custom(def_node):
+        seen.append(("custom", def_node))
+        def_node.body.clear()  # a rewrite: on a copy it leaves the def alone
+        return 0
+
+    target = Target("sglang.a", "work", rules=[RULE], upstream=[Probe("p", probe), Present("q", "fast(__x)"), Custom("c", custom)])
+    assert check_def(target, node).state == "applies"
+    assert [kind for kind, _ in seen] == ["probe", "custom"]
+    assert seen[0][1] is node and seen[1][1] is not node
+    assert normalized_dump(node) == before
+
+
+def test_in_place_check_rewrites_the_def_it_was_given_unless_older_markers_need_it():
+    from sgl_accel._guard import check_def
+
+    node = ast.parse(textwrap.dedent(OLD)).body[0]
+    verdict = check_def(Target("sglang.a", "work", rules=[RULE]), node, in_place=True)
+    assert verdict.state == "applies" and verdict.patched is node and verdict.original is None
+    assert "fast(x)" in ast.unparse(node)
+    # An ``older`` marker is asked after the rules failed, on the def as parsed.
+    older = ("slower(__x)", "older form: slower()")
+    node = ast.parse(textwrap.dedent(OLD.replace("slow(x)", "slower(x)"))).body[0]
+    verdict = check_def(Target("sglang.a", "work", rules=[RULE], older=[older]), node, in_place=True)
+    assert verdict.state == OLDER_FORM and verdict.original is node

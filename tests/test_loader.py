@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 import sgl_accel
-from sgl_accel import _loader
+from sgl_accel import _loader, _rewrite
 from sgl_accel._detect import SglangInstall
 from sgl_accel._registry import Part, Patch, Target, register_extra, unregister_extra
 from sgl_accel._rewrite import Rule
@@ -220,6 +220,53 @@ def test_source_changed_on_disk_after_import_is_not_patched(demo, tmp_path):
     assert report["demo-patch"].state == "skipped"
     assert "differs from its source file" in report["demo-patch"].reason
     assert _is_original(module)
+
+
+def _write_pyc(path) -> None:
+    import py_compile
+
+    py_compile.compile(str(path), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+
+
+def test_a_valid_byte_code_cache_is_the_proof_and_the_def_is_not_compiled(demo, tmp_path, monkeypatch):
+    _write_pyc(tmp_path / f"{demo}.py")
+    module = importlib.import_module(demo)
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("the def was compiled though its byte-code cache is valid")
+
+    monkeypatch.setattr(_loader, "def_code_from_text", no_compile)
+    report = sgl_accel.apply(["demo-patch"])
+    assert report["demo-patch"].state == "applied", report["demo-patch"].reason
+    assert _is_patched(module)
+
+
+def test_a_byte_code_cache_does_not_vouch_for_other_code_in_memory(demo, tmp_path):
+    _write_pyc(tmp_path / f"{demo}.py")
+    module = importlib.import_module(demo)
+    # Same name, same lines, other body: code swapped in memory after import.
+    other = {}
+    exec(compile(DEMO.replace("if x is None:", "if x is None or x == 5:"), str(tmp_path / f"{demo}.py"), "exec"), other)
+    module.Model.run.__code__ = other["Model"].run.__code__
+    report = sgl_accel.apply(["demo-patch"])
+    assert report["demo-patch"].state == "skipped"
+    assert "differs from its source file" in report["demo-patch"].reason
+    assert module.Model.run.__code__ is other["Model"].run.__code__
+
+
+def test_a_stale_byte_code_cache_is_no_proof(demo, tmp_path, monkeypatch):
+    """A cache written for an earlier version of the file is not read: the def is compiled."""
+    source = tmp_path / f"{demo}.py"
+    source.write_text(DEMO.replace("return v * 2", "return v * 2  # an older version, one line longer\n"))
+    _write_pyc(source)
+    source.write_text(DEMO)
+    module = importlib.import_module(demo)
+    compiled = []
+    monkeypatch.setattr(_loader, "def_code_from_text", lambda *a, **k: compiled.append(a[3]) or _rewrite.def_code_from_text(*a, **k))
+    report = sgl_accel.apply(["demo-patch"])
+    assert report["demo-patch"].state == "applied", report["demo-patch"].reason
+    assert sorted(compiled) == ["make", "run", "scale"]
+    assert _is_patched(module)
 
 
 def test_upstream_marker_leaves_target_alone(demo, tmp_path):
