@@ -162,34 +162,35 @@ def fingerprint(node: ast.AST) -> str:
 
 
 def _substitute(template: ast.AST, bindings: dict, site: ast.AST):
-    """Deep-copy ``template`` with metavariables replaced by their bound nodes.
+    """A copy of ``template`` with metavariables replaced by copies of their bound nodes.
 
     New nodes take the position of the matched site, so tracebacks through the
     patched function still point at the original line.
     """
-
-    class Fill(ast.NodeTransformer):
-        def visit_Name(self, node):
-            if is_metavar(node.id):
-                if node.id not in bindings:
-                    raise PatternError(f"replacement uses unbound metavariable {node.id}")
-                return clone(bindings[node.id])
-            return node
-
-        def visit_Expr(self, node):
-            if isinstance(node.value, ast.Name) and is_metavar(node.value.id):
-                bound = bindings.get(node.value.id)
-                if isinstance(bound, ast.stmt):
-                    return clone(bound)
-            self.generic_visit(node)
-            return node
-
     template = clone(template)
-    for sub in ast.walk(template):
+    for sub in walk(template):
         if "lineno" in sub._attributes:
             for attr in _POSITION_FIELDS:
                 setattr(sub, attr, getattr(site, attr, None))
-    return Fill().visit(template)
+    return _fill(template, bindings)
+
+
+def _fill(node, bindings: dict):
+    """``node`` (a fresh copy) with each metavariable replaced by a copy of its bound node; a
+    metavariable alone on a line is replaced by its bound statement."""
+    if isinstance(node, ast.Name) and is_metavar(node.id):
+        if node.id not in bindings:
+            raise PatternError(f"replacement uses unbound metavariable {node.id}")
+        return clone(bindings[node.id])
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Name) and isinstance(bindings.get(node.value.id), ast.stmt):
+        return clone(bindings[node.value.id])
+    for field in node._fields:
+        value = getattr(node, field, None)
+        if isinstance(value, list):
+            value[:] = [_fill(item, bindings) if isinstance(item, ast.AST) else item for item in value]
+        elif isinstance(value, ast.AST):
+            setattr(node, field, _fill(value, bindings))
+    return node
 
 
 # --------------------------------------------------------------------------- rules
@@ -577,7 +578,7 @@ def factory_code(func: ast.AST, filename: str, closure_names: tuple, *, decorato
     # Position only the nodes made here; the def's own nodes carry the file's positions.
     made = [factory, factory.body[1], factory.body[1].value, factory.args, *args]
     if imported:
-        made += list(ast.walk(body[0]))
+        made += list(walk(body[0]))
     for node in made:
         if "lineno" in node._attributes:
             node.lineno = node.end_lineno = line
