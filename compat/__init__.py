@@ -14,6 +14,9 @@ import json
 from pathlib import Path
 
 MATRIX_PATH = Path(__file__).with_name("matrix.json")
+# What apply() reads: the tested fingerprints of each target, derived from the matrix and
+# written beside it by the scanner (reading the whole matrix would cost every apply() ~10 ms).
+TESTED_PATH = Path(__file__).with_name("tested.json")
 
 # The states of a matrix cell (release x patch), what each means to a user, and whether the
 # user has the patch's benefit on that release (what `sgl-accel pin` counts).
@@ -55,17 +58,25 @@ def matrix_state(report) -> str:
     return "drifted"
 
 
-@functools.lru_cache(maxsize=None)
-def tested_fingerprints(target_key: str) -> frozenset:
-    """Fingerprints of ``module:qualname`` that passed the guard in some scanned release."""
-    seen = set()
-    for row in load_matrix().get("matrix", {}).values():
+def tested_index(matrix: dict) -> dict:
+    """{``module:qualname``: sorted fingerprints that passed the guard in some scanned release}."""
+    seen: dict = {}
+    for row in matrix.get("matrix", {}).values():
         for entry in row.values():
-            target = entry.get("targets", {}).get(target_key)
-            if target and target.get("state") == "applies" and target.get("fingerprint"):
-                seen.add(target["fingerprint"])
-    return frozenset(seen)
+            for key, target in entry.get("targets", {}).items():
+                if target.get("state") == "applies" and target.get("fingerprint"):
+                    seen.setdefault(key, set()).add(target["fingerprint"])
+    return {key: sorted(seen[key]) for key in sorted(seen)}
+
+
+@functools.lru_cache(maxsize=1)
+def _tested() -> dict:
+    try:
+        return json.loads(TESTED_PATH.read_text())
+    except (FileNotFoundError, ValueError):  # an install without it: the long way
+        return tested_index(load_matrix())
 
 
 def is_tested(target_key: str, fingerprint: str) -> bool:
-    return fingerprint in tested_fingerprints(target_key)
+    """Whether ``module:qualname`` had this fingerprint and passed the guard in a scanned release."""
+    return fingerprint in _tested().get(target_key, ())

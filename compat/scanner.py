@@ -28,7 +28,7 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 
 from .._registry import NotNeeded, all_patches
-from . import MATRIX_PATH, matrix_state
+from . import MATRIX_PATH, TESTED_PATH, matrix_state, tested_index
 
 FIRST_RELEASE = Version("0.5.3.post3")
 CACHE = Path(".cache/compat")
@@ -273,8 +273,9 @@ def build_matrix(releases: list[str], cache: Path = CACHE, url: str | None = Non
     }
 
 
-def write_matrix(matrix: dict, path: Path = MATRIX_PATH) -> None:
+def write_matrix(matrix: dict, path: Path = MATRIX_PATH, tested_path: Path = TESTED_PATH) -> None:
     path.write_text(json.dumps(matrix, indent=1, sort_keys=False) + "\n")
+    tested_path.write_text(json.dumps(tested_index(matrix), indent=1) + "\n")
 
 
 def main(argv=None) -> int:

@@ -298,11 +298,11 @@ for name in names:
         except Exception:
             pass
 gc.collect()
-start = time.perf_counter(); report = sgl_accel.apply(names, force=True, allow_untested=True); first = time.perf_counter() - start
+start = time.perf_counter(); report = sgl_accel.apply(names, force=True); first = time.perf_counter() - start
 applied = [p.name for p in report if p.state == "applied"]
 frames = _bench.added_frames()
 sgl_accel.revert(names); gc.collect()
-start = time.perf_counter(); sgl_accel.apply(names, force=True, allow_untested=True); again = time.perf_counter() - start
+start = time.perf_counter(); sgl_accel.apply(names, force=True); again = time.perf_counter() - start
 print(json.dumps(dict(first_ms=first * 1e3, repeated_ms=again * 1e3, applied=applied, frames=frames)))
 """
 

@@ -32,7 +32,7 @@ class Target:
     """One function to rewrite: ``module`` + ``qualname`` (``Class.method`` or ``function``).
 
     ``rules`` must each match their exact count of sites (``moved``: see below). ``upstream`` are
-    patterns (or Present/Custom rule objects) that only the already-changed
+    patterns (or Present/Probe/Custom objects) that only the already-changed
     upstream code contains; any match means the release has the change and the
     target is left alone.
     """

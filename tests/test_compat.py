@@ -25,6 +25,15 @@ def test_matrix_covers_every_patch_and_release_range():
         assert set(matrix["matrix"][release]) == set(all_patches()), release
 
 
+def test_the_tested_fingerprints_apply_reads_are_the_matrixs():
+    """apply() reads compat/tested.json, not the whole matrix; the scanner writes both."""
+    import json
+
+    from sgl_accel.compat import TESTED_PATH, tested_index
+
+    assert json.loads(TESTED_PATH.read_text()) == tested_index(load_matrix()), "tested.json is stale: run make compat"
+
+
 def test_readme_table_is_generated_from_the_matrix():
     assert readme_table(ROOT / "README.md") == render(load_matrix()), "README table is stale: run make compat"
 

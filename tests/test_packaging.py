@@ -20,7 +20,7 @@ from sgl_accel._registry import all_patches
 site = Path(sysconfig.get_paths()["purelib"])
 print(json.dumps({
     "patches": sorted(all_patches()),
-    "matrix": Path(sgl_accel.compat.__file__).with_name("matrix.json").is_file(),
+    "matrix": all(Path(sgl_accel.compat.__file__).with_name(n).is_file() for n in ("matrix.json", "tested.json")),
     "top_level": [str(importlib.util.find_spec(n).origin) for n in ("patches", "compat") if importlib.util.find_spec(n) is not None],
     "site_top": sorted(p.name for p in site.iterdir() if p.name in ("patches", "compat")),
     "pth": (site / "sgl_accel_startup.pth").is_file(),
