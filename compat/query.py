@@ -88,11 +88,11 @@ def plan_release(version: str, hardware) -> Report:
     reports = []
     for name, patch in all_patches().items():
         if row is not None and name not in row:
-            reports.append(PatchReport(name, "skipped", "not scanned yet: run make compat", patch.kind, patch.upstream_pr))
+            reports.append(PatchReport(name, "skipped", "not scanned yet: run make compat", patch.kind, patch.upstream_pr, opt_in=patch.opt_in))
             continue
         decision = decide_release(patch, version, hardware)
         parts = {p.name: p.text() for p in decision.parts}
-        reports.append(PatchReport(name, decision.state, _plan_reason(decision, row[name]), patch.kind, patch.upstream_pr, parts))
+        reports.append(PatchReport(name, decision.state, _plan_reason(decision, row[name]), patch.kind, patch.upstream_pr, parts, opt_in=patch.opt_in))
     return Report(reports, sglang=f"sglang {version} (from the matrix)", hardware=hardware.describe(), version=__version__)
 
 

@@ -651,7 +651,7 @@ def _verify_applied(name: str, state: _State) -> None:
 
 def _plain_report(name: str, state: State, reason: str, targets=None) -> PatchReport:
     patch = all_patches()[name]
-    return PatchReport(name=name, state=state, reason=reason, kind=patch.kind, upstream_pr=patch.upstream_pr, targets=targets or [])
+    return PatchReport(name=name, state=state, reason=reason, kind=patch.kind, upstream_pr=patch.upstream_pr, targets=targets or [], opt_in=patch.opt_in)
 
 
 def _decision_report(decision: Decision, applied: bool = False) -> PatchReport:
@@ -665,7 +665,7 @@ def _decision_report(decision: Decision, applied: bool = False) -> PatchReport:
     ]
     patch = decision.patch
     state, reason = (State.APPLIED, _applied_reason(decision)) if applied else (decision.state, decision.reason)
-    return PatchReport(patch.name, state, reason, patch.kind, patch.upstream_pr, parts, targets)
+    return PatchReport(patch.name, state, reason, patch.kind, patch.upstream_pr, parts, targets, patch.opt_in)
 
 
 def _applied_reason(decision: Decision) -> str:

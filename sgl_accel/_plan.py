@@ -47,7 +47,7 @@ def plan_report(decision: Decision) -> PatchReport:
     patch = decision.patch
     parts = {p.name: p.text() for p in decision.parts}
     targets = [TargetReport(t.target.key, t.state, t.reason, t.fingerprint) for t in decision.targets]
-    return PatchReport(patch.name, decision.state, decision.reason, patch.kind, patch.upstream_pr, parts, targets)
+    return PatchReport(patch.name, decision.state, decision.reason, patch.kind, patch.upstream_pr, parts, targets, patch.opt_in)
 
 
 def plan_patch(patch: Patch, sglang_root: Optional[str], version: Optional[str], hardware=None, check_kernels: bool = True, check_tested: bool = True) -> PatchReport:

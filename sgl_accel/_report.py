@@ -39,6 +39,7 @@ class PatchReport:
     upstream_pr: str = ""
     parts: dict = field(default_factory=dict)  # part name -> state
     targets: list = field(default_factory=list)  # TargetReport
+    opt_in: bool = False  # applied only when named (see Patch.opt_in)
 
     def __post_init__(self):
         self.state = State(self.state)  # ValueError for an unknown state
@@ -89,7 +90,7 @@ class Report:
 
     def table(self) -> str:
         header = ("patch", "state", "kind", "upstream", "reason")
-        rows = [(p.name, p.state, p.kind, p.upstream_pr, p.reason) for p in self.patches]
+        rows = [(p.name, p.state, p.kind + (" opt-in" if p.opt_in else ""), p.upstream_pr, p.reason) for p in self.patches]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
         lines = [f"sgl-accel {self.version} on {self.sglang} ({self.hardware})"]
         for row in [header, *rows]:

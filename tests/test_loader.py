@@ -363,8 +363,13 @@ def test_opt_in_patch_applies_only_when_named(demo, monkeypatch):
         assert "demo-opt-in" not in report.states() and report["demo-patch"].state == "applied"
         sgl_accel.revert(["demo-patch"])
         assert _is_original(module)
-        assert sgl_accel.apply(["demo-opt-in"])["demo-opt-in"].state == "applied"
+        report = sgl_accel.apply(["demo-opt-in"])
+        assert report["demo-opt-in"].state == "applied"
         assert _is_patched(module)
+        # status says which patches are opt-in (table and JSON).
+        status = sgl_accel.status(["demo-opt-in", "demo-patch"])
+        assert status["demo-opt-in"].opt_in and not status["demo-patch"].opt_in
+        assert "fix opt-in" in str(status) and '"opt_in": true' in status.to_json()
     finally:
         sgl_accel.revert(["demo-opt-in"])
         unregister_extra("demo-opt-in")
