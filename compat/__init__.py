@@ -15,7 +15,7 @@ from pathlib import Path
 
 MATRIX_PATH = Path(__file__).with_name("matrix.json")
 # What apply() reads: the tested fingerprints of each target, derived from the matrix and
-# written beside it by the scanner (reading the whole matrix would cost every apply() ~10 ms).
+# written beside it by the scanner (parsing the 400 KB matrix cost every apply() 2-4 ms).
 TESTED_PATH = Path(__file__).with_name("tested.json")
 
 # The states of a matrix cell (release x patch), what each means to a user, and whether the

@@ -610,8 +610,8 @@ def def_code_from_text(lines: list, first_line: int, last_line: int, name: str, 
 def def_code_from_pyc(filename: str, name: str, first_line: int):
     """The code object of the def ``name`` at ``first_line`` of ``filename``, as the import
     system compiled it: read from the file's byte-code cache, if that cache is a timestamp
-    one that matches the file's current modification time and size (the test Python's own
-    import makes). None if there is no such cache or no such def in it (compile the text)."""
+    one that matches the file's current modification time and size (the test Python's import
+    makes before it uses a cache). None if there is no such cache or no such def in it (compile the text)."""
     import importlib.util
 
     try:
